@@ -1,0 +1,50 @@
+"""normrewrite: compiler-style graph rewriting for the normalization layers of PyTorch models.
+
+Library API::
+
+    import normrewrite
+    result = normrewrite.convert(model, passes=["fold-bn"], example_inputs=(x,), outputs=["m.onnx"])
+    result.graph_module, result.report
+
+Layers: :mod:`~normrewrite.load` → :mod:`~normrewrite.trace` → passes
+(:mod:`~normrewrite.pass_infra`, :mod:`normrewrite.passes`) → :mod:`~normrewrite.verify` →
+:mod:`~normrewrite.emit`; :mod:`~normrewrite.cli` is a thin shell over :mod:`~normrewrite.api`.
+"""
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    EmitError,
+    LoadError,
+    NormRewriteError,
+    PassError,
+    TraceError,
+    UsageError,
+    VerifyError,
+)
+from .pass_infra import Change, Pass, PassContext, PassManager, PassResult, Skip  # noqa: E402
+from .api import ConvertResult, InspectResult, convert, inspect, prepare  # noqa: E402
+from .passes import REGISTRY  # noqa: E402
+
+__all__ = [
+    "REGISTRY",
+    "Change",
+    "ConvertResult",
+    "EmitError",
+    "InspectResult",
+    "LoadError",
+    "NormRewriteError",
+    "Pass",
+    "PassContext",
+    "PassError",
+    "PassManager",
+    "PassResult",
+    "Skip",
+    "TraceError",
+    "UsageError",
+    "VerifyError",
+    "__version__",
+    "convert",
+    "inspect",
+    "prepare",
+]

@@ -1,0 +1,44 @@
+"""One error hierarchy for everything normrewrite reports to its users.
+
+Every error a user can cause (bad file, bad option, untraceable model, a rewrite that fails its
+numeric check) is a :class:`NormRewriteError`. The CLI prints ``str(error)`` as one line and exits
+non-zero; ``--debug`` shows the traceback. Anything else escaping the library is a bug.
+"""
+
+from __future__ import annotations
+
+
+class NormRewriteError(Exception):
+    """Base class: an error with a one-line message meant for the user."""
+
+    exit_code = 1
+
+    def __str__(self) -> str:  # keep it to one line whatever the cause said
+        text = super().__str__()
+        return " ".join(text.split())
+
+
+class UsageError(NormRewriteError):
+    """A bad command-line or API argument: unknown pass, bad option, bad shape spec."""
+
+    exit_code = 2
+
+
+class LoadError(NormRewriteError):
+    """The model could not be loaded: missing/corrupt file, factory raised, unsafe format."""
+
+
+class TraceError(NormRewriteError):
+    """The model could not be turned into a torch.fx graph."""
+
+
+class PassError(NormRewriteError):
+    """A pass could not run (a precondition failed or its output graph is invalid)."""
+
+
+class VerifyError(NormRewriteError):
+    """A rewrite that claims to be exact changed the model's outputs beyond tolerance."""
+
+
+class EmitError(NormRewriteError):
+    """The rewritten model could not be written in the requested format."""

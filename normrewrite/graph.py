@@ -1,0 +1,301 @@
+"""Shared tools for reading and editing traced graphs.
+
+normrewrite works on ``torch.fx.GraphModule``\\ s of two flavours:
+
+* **module** flavour, from ``torch.fx.symbolic_trace``: layers are ``call_module`` nodes whose
+  parameters live on the submodule (``conv1.weight``);
+* **aten** flavour, from ``torch.export`` (``ExportedProgram.module()``): layers are ATen
+  ``call_function`` nodes (``aten.conv2d``, ``aten.batch_norm``) whose parameters are read by
+  ``get_attr`` nodes (target ``conv1.weight``).
+
+In both, a stored tensor is addressed by its fully qualified name (FQN) on the GraphModule, so the
+helpers here — reading, replacing and adding tensors, counting who reads a tensor, naming nodes
+after the module that produced them, the networkx view of the graph — serve every pass alike.
+Nothing here assumes real data: tensors may live on the ``meta`` device.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+# Nodes torch.export adds that are bookkeeping, not computation.
+_BOOKKEEPING_PREFIXES = ("_guards_fn",)
+
+
+# --------------------------------------------------------------------------- naming
+
+
+def module_path(node: Node) -> str | None:
+    """The dotted path of the user-level module that produced ``node``, if known.
+
+    ``call_module`` targets are that path; ATen nodes carry it in ``nn_module_stack`` metadata
+    (innermost module last).
+    """
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return _clean_path(path)
+    return None
+
+
+def _clean_path(path: str) -> str:
+    # torch.export writes e.g. "L['self'].layer1[0].conv1" in some versions; normalise to dots.
+    path = path.replace("L['self'].", "").replace("L['self']", "")
+    out = []
+    for part in path.replace("]", "").split("["):
+        out.append(part.strip("'\""))
+    return ".".join(p for p in ".".join(out).split(".") if p)
+
+
+def node_label(node: Node) -> str:
+    """A human name for a node: its module path where known, else its node name."""
+    return module_path(node) or node.name
+
+
+def is_bookkeeping(node: Node) -> bool:
+    return node.op == "call_module" and str(node.target).startswith(_BOOKKEEPING_PREFIXES)
+
+
+def compute_nodes(gm: GraphModule) -> list[Node]:
+    """Nodes that compute something (calls), without inputs, constants and export bookkeeping."""
+    return [
+        n
+        for n in gm.graph.nodes
+        if n.op in ("call_function", "call_method", "call_module") and not is_bookkeeping(n)
+    ]
+
+
+def count_ops(gm: GraphModule) -> int:
+    return len(compute_nodes(gm))
+
+
+def flavour(gm: GraphModule) -> str:
+    """``"aten"`` for torch.export graphs, ``"module"`` for symbolic_trace graphs."""
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload):
+            return "aten"
+    return "module"
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def node_shape(node: object) -> tuple[int, ...] | None:
+    """The (concrete or hinted) shape of a node's tensor value, if the trace recorded it."""
+    if not isinstance(node, Node):
+        return None
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return tuple(_hint(d) for d in val.shape)
+    tm = node.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "shape"):
+        return tuple(_hint(d) for d in tm.shape)
+    return None
+
+
+def node_dtype(node: object) -> torch.dtype | None:
+    if not isinstance(node, Node):
+        return None
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return val.dtype
+    tm = node.meta.get("tensor_meta")
+    return getattr(tm, "dtype", None)
+
+
+def _hint(d: object) -> int:
+    if isinstance(d, int):
+        return d
+    try:
+        return int(d)  # SymInt with a hint
+    except Exception:  # pragma: no cover - unbacked symbol
+        node = getattr(d, "node", None)
+        return int(getattr(node, "hint", -1) or -1)
+
+
+# --------------------------------------------------------------------------- tensors by FQN
+
+
+def _split(fqn: str) -> tuple[str, str]:
+    prefix, _, name = fqn.rpartition(".")
+    return prefix, name
+
+
+def get_tensor(gm: nn.Module, fqn: str) -> torch.Tensor:
+    prefix, name = _split(fqn)
+    owner = gm.get_submodule(prefix) if prefix else gm
+    value = getattr(owner, name)
+    if not isinstance(value, torch.Tensor):
+        raise KeyError(f"{fqn} is not a tensor")
+    return value
+
+
+def has_tensor(gm: nn.Module, fqn: str) -> bool:
+    try:
+        get_tensor(gm, fqn)
+    except (AttributeError, KeyError):
+        return False
+    return True
+
+
+def set_tensor(gm: nn.Module, fqn: str, value: torch.Tensor) -> None:
+    """Replace the tensor stored at ``fqn``, keeping its kind (parameter, buffer or attribute).
+
+    Never writes into the old tensor: the original model, which may share it, stays intact.
+    """
+    prefix, name = _split(fqn)
+    owner = gm.get_submodule(prefix) if prefix else gm
+    old = getattr(owner, name, None)
+    value = value.detach()
+    if name in owner._parameters or isinstance(old, nn.Parameter):
+        requires_grad = old.requires_grad if isinstance(old, nn.Parameter) else True
+        owner._parameters.pop(name, None)
+        if name in owner.__dict__:
+            delattr(owner, name)
+        owner.register_parameter(
+            name, nn.Parameter(value, requires_grad=requires_grad and value.is_floating_point())
+        )
+    elif name in owner._buffers:
+        persistent = name not in owner._non_persistent_buffers_set
+        owner._buffers.pop(name)
+        owner.register_buffer(name, value, persistent=persistent)
+    else:
+        setattr(owner, name, value)
+
+
+def add_parameter(gm: nn.Module, owner_path: str, base: str, value: torch.Tensor) -> str:
+    """Register a new parameter on ``owner_path`` under a free name derived from ``base``."""
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    name, i = base, 1
+    while hasattr(owner, name) and getattr(owner, name) is not None:
+        name, i = f"{base}_{i}", i + 1
+    if name in owner.__dict__ or name in owner._parameters:
+        owner._parameters.pop(name, None)
+        owner.__dict__.pop(name, None)
+    owner.register_parameter(name, nn.Parameter(value.detach(), requires_grad=value.is_floating_point()))
+    return f"{owner_path}.{name}" if owner_path else name
+
+
+def delete_tensor(gm: nn.Module, fqn: str) -> None:
+    prefix, name = _split(fqn)
+    try:
+        owner = gm.get_submodule(prefix) if prefix else gm
+    except AttributeError:
+        return
+    for store in (owner._parameters, owner._buffers):
+        store.pop(name, None)
+    owner.__dict__.pop(name, None)
+
+
+def constant_fqn(node: object) -> str | None:
+    """The FQN of a stored tensor read directly by ``node`` (a ``get_attr``), else None."""
+    if isinstance(node, Node) and node.op == "get_attr":
+        return str(node.target)
+    return None
+
+
+@dataclass(frozen=True)
+class TensorUsage:
+    """How many places in a graph read each stored tensor, counting aliases (tied weights)."""
+
+    reads: dict[str, int]
+    aliases: dict[str, frozenset[str]]
+
+    @classmethod
+    def of(cls, gm: GraphModule) -> TensorUsage:
+        reads: Counter[str] = Counter()
+        for n in gm.graph.nodes:
+            if n.op == "get_attr":
+                reads[str(n.target)] += max(1, len(n.users))
+            elif n.op == "call_module" and not is_bookkeeping(n):
+                mod = gm.get_submodule(str(n.target))
+                for name, _ in _named_tensors(mod):
+                    reads[f"{n.target}.{name}"] += 1
+        groups: dict[int, set[str]] = {}
+        for name, t in _named_tensors(gm):
+            groups.setdefault(_identity(t), set()).add(name)
+        aliases = {name: frozenset(g) for g in groups.values() for name in g}
+        return cls(dict(reads), aliases)
+
+    def count(self, fqn: str) -> int:
+        """Reads of the tensor at ``fqn`` under any of its names."""
+        names = self.aliases.get(fqn, frozenset({fqn}))
+        return sum(self.reads.get(n, 0) for n in names)
+
+    def exclusive(self, fqn: str | None) -> bool:
+        """True when ``fqn`` is read at most once and has no other name."""
+        if fqn is None:
+            return True
+        return self.count(fqn) <= 1 and len(self.aliases.get(fqn, ())) <= 1
+
+
+def _named_tensors(mod: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from mod.named_parameters(remove_duplicate=False)
+    yield from mod.named_buffers(remove_duplicate=False)
+
+
+def _identity(t: torch.Tensor) -> int:
+    return id(t)
+
+
+def erase_unused(gm: GraphModule, nodes: Iterable[Node]) -> None:
+    """Erase the given nodes once nothing reads them (in any order), then the ``get_attr``
+    nodes they leave orphaned, and delete stored tensors and submodules no node reads any more."""
+    candidates = list(nodes)
+    erased: set[Node] = set()
+    dropped: set[str] = set()
+    changed = True
+    while changed:
+        changed = False
+        for n in list(candidates):
+            if n in erased or n.users:
+                continue
+            inputs = n.all_input_nodes
+            if n.op == "get_attr":
+                dropped.add(str(n.target))
+            gm.graph.erase_node(n)
+            erased.add(n)
+            changed = True
+            candidates.extend(a for a in inputs if a.op == "get_attr" and a not in erased)
+    still_read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    for fqn in dropped - still_read:
+        delete_tensor(gm, fqn)
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+
+
+def used_modules(gm: GraphModule) -> set[str]:
+    return {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+
+
+# --------------------------------------------------------------------------- networkx view
+
+
+def to_networkx(gm: GraphModule, *, with_constants: bool = False) -> nx.DiGraph:
+    """A directed graph of data flow: one vertex per fx node (by name), an edge per use.
+
+    ``get_attr`` nodes are left out unless ``with_constants`` — they are weights, not activations,
+    and would connect unrelated layers that share a parameter.
+    """
+    g = nx.DiGraph()
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and not with_constants:
+            continue
+        if is_bookkeeping(n):
+            continue
+        g.add_node(n.name, node=n)
+        for a in n.all_input_nodes:
+            if a.op == "get_attr" and not with_constants:
+                continue
+            g.add_edge(a.name, n.name)
+    return g

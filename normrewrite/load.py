@@ -1,0 +1,258 @@
+"""Loading a model from what a user hands the CLI.
+
+Accepted:
+
+* ``path/to/file.py:factory`` and ``package.module:factory`` — the factory returns an ``nn.Module``
+  or a ``(module, example_inputs)`` pair;
+* a Hugging Face model directory written by ``save_pretrained`` (``config.json`` + weights); the
+  class is ``config.json``'s ``architectures[0]`` from ``transformers``; the network is never used;
+* a ``torch.export`` program saved as ``.pt2``.
+
+``.onnx`` files are recognised and refused with a clear message (ONNX-in is not supported yet).
+Pickled ``.pt``/``.pth``/``.bin`` modules are refused: unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import LoadError
+from .inputs import InputSpec, as_tuple, make_inputs
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module
+    example_inputs: tuple[Any, ...]
+    source: str  # "factory" | "hf" | "pt2"
+    description: str
+    exported: torch.export.ExportedProgram | None = None  # for .pt2 inputs
+    input_origin: str = "given"  # where example inputs came from: given/factory/config/program
+    notes: list[str] = field(default_factory=list)
+
+
+def load(
+    ref: str | os.PathLike[str],
+    inputs: Sequence[InputSpec] | None = None,
+    *,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+) -> LoadedModel:
+    """Load ``ref`` (see module docs). ``inputs`` overrides any example inputs the source knows."""
+    text = os.fspath(ref)
+    path = Path(text)
+    if path.is_dir():
+        loaded = _load_hf(path, inputs, trust_remote_code=trust_remote_code, seed=seed)
+    elif path.suffix == ".pt2":
+        loaded = _load_pt2(path, inputs, seed=seed)
+    elif path.suffix == ".onnx":
+        if not path.exists():
+            raise LoadError(f"no such file: {path}")
+        raise LoadError(
+            f"{path}: ONNX input is not supported yet; give the torch model "
+            "(a factory, a Hugging Face directory or a .pt2 program)"
+        )
+    elif path.suffix in (".pt", ".pth", ".bin", ".pkl", ".ckpt"):
+        if not path.exists():
+            raise LoadError(f"no such file: {path}")
+        raise LoadError(
+            f"{path}: refusing to unpickle a {path.suffix} file (pickle runs arbitrary code); "
+            "use a factory with safetensors weights, a torch.export .pt2, or a Hugging Face directory"
+        )
+    elif ":" in text:
+        loaded = _load_factory(text, inputs, seed=seed)
+    elif path.exists():
+        raise LoadError(f"{path}: unrecognised model file (expected .pt2, a directory or FILE.py:factory)")
+    else:
+        raise LoadError(f"no such model: {text} (expected FILE.py:factory, pkg.module:factory, a .pt2 file or a Hugging Face directory)")
+    return loaded
+
+
+# --------------------------------------------------------------------------- factories
+
+
+def _load_factory(
+    ref: str, inputs: Sequence[InputSpec] | None, *, seed: int
+) -> LoadedModel:
+    target, _, attr = ref.rpartition(":")
+    if not target or not attr.isidentifier():
+        raise LoadError(f"bad factory reference {ref!r}: expected FILE.py:factory or pkg.module:factory")
+    if target.endswith(".py"):
+        file = Path(target)
+        if not file.is_file():
+            raise LoadError(f"no such file: {file}")
+        name = f"_normrewrite_user_{abs(hash(str(file.resolve())))}"
+        spec = importlib.util.spec_from_file_location(name, file)
+        if spec is None or spec.loader is None:
+            raise LoadError(f"cannot import {file}")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except Exception as e:
+            sys.modules.pop(name, None)
+            raise LoadError(f"importing {file} failed: {type(e).__name__}: {e}") from e
+    else:
+        try:
+            mod = importlib.import_module(target)
+        except Exception as e:
+            raise LoadError(f"cannot import module {target!r}: {type(e).__name__}: {e}") from e
+    factory = getattr(mod, attr, None)
+    if factory is None:
+        raise LoadError(f"{target} has no attribute {attr!r}")
+    if not callable(factory):
+        raise LoadError(f"{target}:{attr} is not callable")
+    try:
+        made = factory()
+    except Exception as e:
+        raise LoadError(f"factory {ref} raised {type(e).__name__}: {e}") from e
+    example: tuple[Any, ...] | None = None
+    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
+        made, example = made[0], as_tuple(made[1])
+    if not isinstance(made, nn.Module):
+        raise LoadError(
+            f"factory {ref} returned {type(made).__name__}; expected an nn.Module or (module, example_inputs)"
+        )
+    origin = "factory"
+    if inputs:
+        example, origin = make_inputs(inputs, seed), "given"
+    if example is None:
+        raise LoadError(
+            f"factory {ref} gave no example inputs; pass --input SHAPE[:dtype] for each model input"
+        )
+    return LoadedModel(made, example, "factory", ref, input_origin=origin)
+
+
+# --------------------------------------------------------------------------- torch.export
+
+
+def _load_pt2(path: Path, inputs: Sequence[InputSpec] | None, *, seed: int) -> LoadedModel:
+    if not path.is_file():
+        raise LoadError(f"no such file: {path}")
+    if not zipfile.is_zipfile(path):
+        raise LoadError(f"{path}: not a torch.export program (not a .pt2 archive)")
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as e:
+        raise LoadError(f"{path}: cannot load torch.export program: {type(e).__name__}: {e}") from e
+    if inputs:
+        example, origin = make_inputs(inputs, seed), "given"
+    else:
+        example, origin = _program_inputs(ep, seed), "program"
+    return LoadedModel(ep.module(), example, "pt2", str(path), exported=ep, input_origin=origin)
+
+
+def _program_inputs(ep: torch.export.ExportedProgram, seed: int) -> tuple[Any, ...]:
+    stored = getattr(ep, "example_inputs", None)
+    if stored:
+        args, kwargs = stored
+        if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+            return tuple(a.clone() for a in args)
+    specs = []
+    user_inputs = set(ep.graph_signature.user_inputs)
+    for n in ep.graph.nodes:
+        if n.op == "placeholder" and n.name in user_inputs:
+            val = n.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                raise LoadError(f"cannot derive example inputs for {n.name}; pass --input")
+            shape = tuple(int(getattr(d, "node", d).hint if hasattr(d, "node") else d) for d in val.shape)
+            specs.append(InputSpec(shape, val.dtype))
+    return make_inputs(specs, seed)
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+def _load_hf(
+    path: Path, inputs: Sequence[InputSpec] | None, *, trust_remote_code: bool, seed: int
+) -> LoadedModel:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise LoadError(f"{path}: a model directory needs a config.json (as written by save_pretrained)")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoadError(f"{cfg_file}: not valid JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise LoadError(f"{cfg_file}: expected a JSON object")
+    archs = cfg.get("architectures") or []
+    if not archs or not isinstance(archs, list):
+        raise LoadError(f"{cfg_file}: no 'architectures' entry to choose the model class from")
+    if cfg.get("auto_map") and not trust_remote_code:
+        raise LoadError(
+            f"{cfg_file}: the model needs custom code from its directory (auto_map); "
+            "refusing to run it without --trust-remote-code"
+        )
+    if not any((path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json")):
+        if any((path / f).exists() for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+            raise LoadError(
+                f"{path}: only pickled pytorch_model.bin weights; refusing to unpickle them "
+                "(re-save with save_pretrained(safe_serialization=True))"
+            )
+        raise LoadError(f"{path}: no model.safetensors weights")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError as e:
+        raise LoadError("loading a Hugging Face directory needs the 'transformers' package") from e
+    arch = str(archs[0])
+    cls = getattr(transformers, arch, None)
+    if cls is None:
+        raise LoadError(f"{cfg_file}: transformers {transformers.__version__} has no class {arch!r}")
+    try:
+        config = transformers.AutoConfig.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=trust_remote_code
+        )
+        if hasattr(config, "use_cache"):
+            config.use_cache = False  # no cache objects in traced outputs
+        model = cls.from_pretrained(
+            str(path), config=config, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except Exception as e:
+        raise LoadError(f"{path}: cannot load {arch}: {type(e).__name__}: {e}") from e
+    model.eval()
+    if inputs:
+        high = getattr(config, "vocab_size", None)
+        specs = [
+            InputSpec(s.shape, s.dtype, high if not s.dtype.is_floating_point else None)
+            for s in inputs
+        ]
+        return LoadedModel(model, make_inputs(specs, seed), "hf", f"{arch} ({path})")
+    spec = _hf_default_input(model, config, arch)
+    return LoadedModel(
+        model, make_inputs([spec], seed), "hf", f"{arch} ({path})", input_origin="config"
+    )
+
+
+def _hf_default_input(model: nn.Module, config: Any, arch: str) -> InputSpec:
+    main = getattr(model, "main_input_name", "input_ids")
+    if main == "input_ids":
+        vocab = getattr(config, "vocab_size", None)
+        if not vocab:
+            raise LoadError(f"{arch}: config has no vocab_size; pass --input 1xSEQ:int64")
+        seq = min(16, int(getattr(config, "max_position_embeddings", 16) or 16))
+        return InputSpec((1, seq), torch.int64, int(vocab))
+    if main == "pixel_values":
+        size = getattr(config, "image_size", 224) or 224
+        if isinstance(size, (list, tuple)):
+            h, w = int(size[0]), int(size[-1])
+        elif isinstance(size, dict):
+            h, w = int(size.get("height", 224)), int(size.get("width", 224))
+        else:
+            h = w = int(size)
+        channels = int(getattr(config, "num_channels", 3) or 3)
+        return InputSpec((1, channels, h, w), torch.float32)
+    raise LoadError(f"{arch}: cannot guess the shape of its input {main!r}; pass --input SHAPE[:dtype]")

@@ -1,0 +1,307 @@
+"""Pass infrastructure: the base class every pass derives from, its result, and the manager.
+
+A pass is a class with one method, ``call(gm, ctx) -> PassResult``. ``Pass.__call__`` runs the
+pass's precondition check (``requires``), the pass itself, then the postconditions on its
+*output* (``ensures``: by default a lint of the graph and a recompile). Passes are **in place**:
+they edit the GraphModule they are given and return it; callers that need the original keep a copy
+(:func:`normrewrite.convert` does). Options are a frozen dataclass per pass, parsed from the
+CLI's ``-p name:key=value`` strings with their declared types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch.fx import GraphModule
+
+from .errors import PassError, UsageError
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Change:
+    """One rewrite a pass made: where (a module path or node name) and what."""
+
+    target: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A candidate the pass looked at and left alone, with the reason."""
+
+    target: str
+    reason: str
+
+
+@dataclass
+class PassResult:
+    graph_module: GraphModule
+    modified: bool
+    changes: list[Change] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PassContext:
+    """What a pass may need beyond the graph: example inputs (for passes that measure or train),
+    the original model (for distillation), and a random seed. Empty for pure graph passes."""
+
+    example_inputs: tuple[Any, ...] = ()
+    reference: torch.nn.Module | None = None
+    seed: int = 0
+    warn: Callable[[str], None] = lambda msg: None
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    pass
+
+
+def _convert(value: str, typ: Any, key: str, pass_name: str) -> Any:
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value.lower() in ("none", "") and len(args) < len(typing.get_args(typ)):
+            return None
+        if len(args) == 1:
+            return _convert(value, args[0], key, pass_name)
+    if origin is typing.Literal:
+        choices = typing.get_args(typ)
+        if value not in choices:
+            raise UsageError(
+                f"pass {pass_name}: option {key}={value!r} is not one of {', '.join(map(str, choices))}"
+            )
+        return value
+    try:
+        if typ is bool:
+            low = value.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if isinstance(typ, type) and issubclass(typ, enum.Enum):
+            return typ(value)
+        if typ in (int, float, str):
+            return typ(value)
+    except ValueError:
+        raise UsageError(
+            f"pass {pass_name}: option {key}={value!r} is not a valid {getattr(typ, '__name__', typ)}"
+        ) from None
+    raise UsageError(f"pass {pass_name}: option {key} has an unsupported type {typ}")
+
+
+def parse_pass_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``"name:key=value,key=value"`` → ``("name", {"key": "value", ...})``."""
+    name, _, rest = spec.partition(":")
+    name = name.strip()
+    if not name:
+        raise UsageError(f"empty pass name in {spec!r}")
+    opts: dict[str, str] = {}
+    if rest.strip():
+        for item in rest.split(","):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise UsageError(f"pass option {item!r} in {spec!r} is not key=value")
+            opts[key.strip()] = value.strip()
+    return name, opts
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+class Pass:
+    """Base class of all passes.
+
+    Subclasses set ``name`` (the CLI name), ``summary`` (one line), ``exact`` (does the pass
+    preserve the model's function up to float rounding?) and ``Options`` (a frozen dataclass), and
+    implement :meth:`call`.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    exact: ClassVar[bool] = True
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any | None = None, **kwargs: Any) -> None:
+        if options is not None and kwargs:
+            raise UsageError(f"pass {self.name}: give options or keyword arguments, not both")
+        if options is None:
+            names = {f.name for f in dataclasses.fields(self.Options)}
+            unknown = sorted(set(kwargs) - names)
+            if unknown:
+                raise UsageError(
+                    f"pass {self.name}: unknown option {unknown[0]!r}"
+                    + (f" (options: {', '.join(sorted(names))})" if names else " (it takes none)")
+                )
+            options = self.Options(**kwargs)
+        self.options = options
+        self.validate_options()
+
+    @classmethod
+    def from_strings(cls, opts: dict[str, str]) -> Pass:
+        hints = typing.get_type_hints(cls.Options)
+        fields = {f.name for f in dataclasses.fields(cls.Options)}
+        values: dict[str, Any] = {}
+        for key, raw in opts.items():
+            if key not in fields:
+                avail = ", ".join(sorted(fields)) or "none"
+                raise UsageError(f"pass {cls.name}: unknown option {key!r} (options: {avail})")
+            values[key] = _convert(raw, hints[key], key, cls.name)
+        return cls(**values)
+
+    def validate_options(self) -> None:
+        """Reject impossible option combinations with a :class:`UsageError`."""
+
+    def requires(self, gm: GraphModule, ctx: PassContext) -> None:
+        """Precondition on the input graph; raise :class:`PassError` when it does not hold."""
+
+    def call(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    def ensures(self, result: PassResult) -> None:
+        """Postcondition on the output: the graph is well formed and its code is current."""
+        gm = result.graph_module
+        try:
+            gm.graph.lint()
+        except Exception as e:  # a bug in the pass, reported as such
+            raise PassError(f"pass {self.name} produced an invalid graph: {e}") from e
+        gm.recompile()
+
+    def explain(self, gm: GraphModule, ctx: PassContext) -> dict[str, str]:
+        """For ``inspect``: node name → what this pass would do there (or why it would not).
+        Must not modify ``gm``."""
+        return {}
+
+    def __call__(self, gm: GraphModule, ctx: PassContext | None = None) -> PassResult:
+        ctx = ctx or PassContext()
+        self.requires(gm, ctx)
+        result = self.call(gm, ctx)
+        self.ensures(result)
+        return result
+
+    def describe(self) -> str:
+        opts = {
+            f.name: getattr(self.options, f.name)
+            for f in dataclasses.fields(self.options)
+            if getattr(self.options, f.name) != f.default
+        }
+        if not opts:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in opts.items())
+
+    def __repr__(self) -> str:
+        return f"<Pass {self.describe()}>"
+
+
+# --------------------------------------------------------------------------- registry
+
+
+class PassRegistry:
+    """Name → pass class, built from explicit imports (see ``normrewrite.passes``)."""
+
+    def __init__(self, passes: Sequence[type[Pass]]) -> None:
+        self._by_name: dict[str, type[Pass]] = {}
+        for p in passes:
+            if p.name in self._by_name:
+                raise ValueError(f"two passes named {p.name}")
+            self._by_name[p.name] = p
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def __iter__(self):
+        return iter(self._by_name.values())
+
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
+    def get(self, name: str) -> type[Pass]:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise UsageError(
+                f"unknown pass {name!r} (available: {', '.join(self._by_name)})"
+            ) from None
+
+    def create(self, spec: str | Pass) -> Pass:
+        if isinstance(spec, Pass):
+            return spec
+        name, opts = parse_pass_spec(spec)
+        return self.get(name).from_strings(opts)
+
+
+# --------------------------------------------------------------------------- manager
+
+
+@dataclass(frozen=True)
+class PassRun:
+    pass_: Pass
+    result: PassResult
+    seconds: float
+
+
+@dataclass
+class PipelineResult:
+    graph_module: GraphModule
+    runs: list[PassRun]
+
+    @property
+    def modified(self) -> bool:
+        return any(r.result.modified for r in self.runs)
+
+    @property
+    def exact(self) -> bool:
+        return all(r.pass_.exact for r in self.runs if r.result.modified)
+
+
+class PassManager:
+    """Runs passes in order.
+
+    ``verify_each`` is called after every pass that changed the graph (e.g. a numeric check, the
+    ``--verify-each`` flag); ``after_change`` likewise (``--print-after-change``).
+    """
+
+    def __init__(
+        self,
+        passes: Sequence[Pass],
+        *,
+        verify_each: Callable[[Pass, PassResult], None] | None = None,
+        after_change: Callable[[Pass, PassResult], None] | None = None,
+        before_pass: Callable[[Pass], None] | None = None,
+    ) -> None:
+        self.passes = list(passes)
+        self.verify_each = verify_each
+        self.after_change = after_change
+        self.before_pass = before_pass
+
+    def __call__(self, gm: GraphModule, ctx: PassContext | None = None) -> PipelineResult:
+        ctx = ctx or PassContext()
+        runs: list[PassRun] = []
+        for p in self.passes:
+            if self.before_pass:
+                self.before_pass(p)
+            start = time.perf_counter()
+            result = p(gm, ctx)
+            runs.append(PassRun(p, result, time.perf_counter() - start))
+            gm = result.graph_module
+            if result.modified:
+                if self.after_change:
+                    self.after_change(p, result)
+                if self.verify_each:
+                    self.verify_each(p, result)
+        return PipelineResult(gm, runs)

@@ -1,0 +1,86 @@
+"""Tracing a module into a ``torch.fx.GraphModule``.
+
+``auto`` tries ``torch.fx.symbolic_trace`` first (readable module-call graphs) and checks the
+result actually runs on the example inputs; where it fails — every Hugging Face model does —
+``torch.export`` takes over, producing an ATen graph whose nodes keep their module path in
+``nn_module_stack``. Both results have their tensor shapes recorded in node metadata.
+
+The traced module never shares mutable state with the caller's model: symbolic_trace works on a
+deep copy; torch.export's module holds the same tensors, which passes never write into (they only
+rebind names, see :func:`normrewrite.graph.set_tensor`).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import TraceError
+
+Tracer = Literal["auto", "fx", "export"]
+
+
+@dataclass
+class Traced:
+    graph_module: GraphModule
+    tracer: str  # "fx" | "export" | "pt2"
+    notes: list[str]
+
+
+def on_meta(inputs: tuple[Any, ...]) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in inputs)
+
+
+def trace(module: nn.Module, example_inputs: tuple[Any, ...], tracer: Tracer = "auto") -> Traced:
+    if tracer not in ("auto", "fx", "export"):
+        raise TraceError(f"unknown tracer {tracer!r} (use auto, fx or export)")
+    notes: list[str] = []
+    if tracer in ("auto", "fx"):
+        try:
+            gm = _fx(module, example_inputs)
+            return Traced(gm, "fx", notes)
+        except Exception as e:
+            if tracer == "fx":
+                raise TraceError(f"torch.fx.symbolic_trace failed: {type(e).__name__}: {_first(e)}") from e
+            notes.append(f"symbolic_trace failed ({type(e).__name__}: {_first(e)}); used torch.export")
+    try:
+        gm = _export(module, example_inputs)
+    except Exception as e:
+        raise TraceError(f"torch.export failed: {type(e).__name__}: {_first(e)}") from e
+    return Traced(gm, "export", notes)
+
+
+def _first(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def _fx(module: nn.Module, example_inputs: tuple[Any, ...]) -> GraphModule:
+    gm = torch.fx.symbolic_trace(copy.deepcopy(module))
+    # symbolic_trace can "succeed" and still produce a graph that does not run (e.g. it baked in
+    # a shape-dependent branch wrongly or lost a kwarg): propagate shapes, which runs it.
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*example_inputs)
+    return gm
+
+
+def _export(module: nn.Module, example_inputs: tuple[Any, ...]) -> GraphModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(module, tuple(example_inputs), strict=False)
+    return exported_module(ep)
+
+
+def exported_module(ep: torch.export.ExportedProgram) -> GraphModule:
+    """The unlifted, editable GraphModule of an exported program (parameters as ``get_attr``)."""
+    gm = ep.module()
+    if not isinstance(gm, GraphModule):  # pragma: no cover - future torch
+        raise TraceError("torch.export returned a module that is not an fx GraphModule")
+    return gm
