@@ -13,7 +13,8 @@ Layers: :mod:`~normrewrite.load` → :mod:`~normrewrite.trace` → passes
 
 __version__ = "0.1.0"
 
-from .errors import (  # noqa: E402
+from .api import ConvertResult, InspectResult, convert, inspect, prepare
+from .errors import (
     EmitError,
     LoadError,
     NormRewriteError,
@@ -22,9 +23,8 @@ from .errors import (  # noqa: E402
     UsageError,
     VerifyError,
 )
-from .pass_infra import Change, Pass, PassContext, PassManager, PassResult, Skip  # noqa: E402
-from .api import ConvertResult, InspectResult, convert, inspect, prepare  # noqa: E402
-from .passes import REGISTRY  # noqa: E402
+from .pass_infra import Change, Pass, PassContext, PassManager, PassResult, Skip
+from .passes import REGISTRY
 
 __all__ = [
     "REGISTRY",

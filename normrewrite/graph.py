@@ -148,7 +148,8 @@ def has_tensor(gm: nn.Module, fqn: str) -> bool:
 
 
 def set_tensor(gm: nn.Module, fqn: str, value: torch.Tensor) -> None:
-    """Replace the tensor stored at ``fqn``, keeping its kind (parameter, buffer or attribute).
+    """Replace the tensor stored at ``fqn``, keeping its kind (parameter, buffer or attribute);
+    a name not set yet becomes a parameter.
 
     Never writes into the old tensor: the original model, which may share it, stays intact.
     """
@@ -168,6 +169,9 @@ def set_tensor(gm: nn.Module, fqn: str, value: torch.Tensor) -> None:
         persistent = name not in owner._non_persistent_buffers_set
         owner._buffers.pop(name)
         owner.register_buffer(name, value, persistent=persistent)
+    elif old is None:  # a new tensor: a parameter, trainable if floating point
+        owner.__dict__.pop(name, None)
+        owner.register_parameter(name, nn.Parameter(value, requires_grad=value.is_floating_point()))
     else:
         setattr(owner, name, value)
 

@@ -52,15 +52,53 @@ class PassResult:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class TensorRecipe:
+    """How stored tensors were rewritten: ``outputs = fn(*inputs)``, all named by FQN at the time
+    the pass ran. Passes edit weights through :func:`compute_tensors`, which applies the recipe
+    and logs it in :attr:`PassContext.recipes`; a model traced on the ``meta`` device can then be
+    converted by replaying the log tensor by tensor from its checkpoint, never holding it whole."""
+
+    outputs: tuple[str, ...]
+    inputs: tuple[str, ...]
+    fn: Callable[..., tuple[torch.Tensor, ...]]
+    origin: str = ""  # the pass that wrote it
+
+
 @dataclass
 class PassContext:
     """What a pass may need beyond the graph: example inputs (for passes that measure or train),
-    the original model (for distillation), and a random seed. Empty for pure graph passes."""
+    the original model (for distillation), a random seed, and the log of tensor rewrites."""
 
     example_inputs: tuple[Any, ...] = ()
     reference: torch.nn.Module | None = None
     seed: int = 0
     warn: Callable[[str], None] = lambda msg: None
+    recipes: list[TensorRecipe] = field(default_factory=list)
+
+
+def compute_tensors(
+    gm: torch.nn.Module,
+    ctx: PassContext,
+    outputs: Sequence[str],
+    inputs: Sequence[str],
+    fn: Callable[..., tuple[torch.Tensor, ...]],
+    origin: str = "",
+) -> None:
+    """Set the stored tensors ``outputs`` to ``fn(*inputs)`` (FQNs on ``gm``) and log the recipe.
+
+    ``fn`` must be a pure function of its tensor arguments (it is replayed on real data when the
+    pass ran on ``meta`` tensors). Outputs that do not exist yet are created as parameters."""
+    from .graph import get_tensor, set_tensor
+
+    values = fn(*(get_tensor(gm, name) for name in inputs))
+    if isinstance(values, torch.Tensor):
+        values = (values,)
+    if len(values) != len(outputs):
+        raise PassError(f"tensor recipe from {origin or 'a pass'} returned {len(values)} tensors for {len(outputs)} names")
+    for name, value in zip(outputs, values, strict=True):
+        set_tensor(gm, name, value)
+    ctx.recipes.append(TensorRecipe(tuple(outputs), tuple(inputs), fn, origin))
 
 
 # --------------------------------------------------------------------------- options

@@ -47,7 +47,6 @@ from normrewrite.graph import (
     erase_unused,
     get_tensor,
     node_shape,
-    set_tensor,
 )
 from normrewrite.ops import (
     ConvInfo,
@@ -60,7 +59,15 @@ from normrewrite.ops import (
     set_arg,
     set_bias,
 )
-from normrewrite.pass_infra import Change, Pass, PassContext, PassResult, Skip
+from normrewrite.pass_infra import (
+    Change,
+    Pass,
+    PassContext,
+    PassResult,
+    Skip,
+    TensorRecipe,
+    compute_tensors,
+)
 
 # --------------------------------------------------------------------------- tensor math
 
@@ -284,7 +291,7 @@ def _input_consumer(gm: GraphModule, bn: NormInfo, user: Node) -> tuple[Layer | 
 # --------------------------------------------------------------------------- rewrite
 
 
-def _clone_weights(gm: GraphModule, layer: Layer) -> Layer:
+def _clone_weights(gm: GraphModule, layer: Layer, ctx: PassContext) -> Layer:
     """Give ``layer`` private copies of its weight and bias; returns the refreshed record."""
     node = layer.node
     if node.op == "call_module":
@@ -294,19 +301,27 @@ def _clone_weights(gm: GraphModule, layer: Layer) -> Layer:
             new_target, i = f"{target}_folded{i}", i + 1
         gm.add_submodule(new_target, copy.deepcopy(gm.get_submodule(target)))
         node.target = new_target
+        names = [n for n in (layer.weight, layer.bias) if n is not None]
+        copies = [new_target + n[len(target):] for n in names]
+        ctx.recipes.append(TensorRecipe(tuple(copies), tuple(names), _copy, "fold-bn"))
     else:
         for arg in ("weight", "bias"):
             fqn = getattr(layer, arg)
             if fqn is None:
                 continue
             owner, _, name = fqn.rpartition(".")
-            new_fqn = add_parameter(gm, owner, f"{name}_folded", get_tensor(gm, fqn).clone())
+            new_fqn = add_parameter(gm, owner, f"{name}_folded", get_tensor(gm, fqn))
+            compute_tensors(gm, ctx, [new_fqn], [fqn], _copy, origin="fold-bn")
             with gm.graph.inserting_before(node):
                 getter = gm.graph.get_attr(new_fqn)
             set_arg(node, arg, getter)
     refreshed = _layer(gm, node)
     assert refreshed is not None
     return refreshed
+
+
+def _copy(*tensors: Tensor) -> tuple[Tensor, ...]:
+    return tuple(t.clone() for t in tensors)
 
 
 def _has_submodule(gm: GraphModule, path: str) -> bool:
@@ -317,28 +332,34 @@ def _has_submodule(gm: GraphModule, path: str) -> bool:
     return True
 
 
-def apply(gm: GraphModule, m: FoldMatch) -> None:
+def apply(gm: GraphModule, m: FoldMatch, ctx: PassContext) -> None:
     bn, layer = m.bn, m.layer
     if m.clone:
-        layer = _clone_weights(gm, layer)
-    assert layer.weight is not None
-    stats = get_tensor(gm, bn.running_mean), get_tensor(gm, bn.running_var)
-    gamma = get_tensor(gm, bn.weight) if bn.weight else None
-    beta = get_tensor(gm, bn.bias) if bn.bias else None
-    scale, shift = bn_affine(*stats, gamma, beta, bn.eps or 0.0)
-    weight = get_tensor(gm, layer.weight)
-    bias = get_tensor(gm, layer.bias) if layer.bias else None
+        layer = _clone_weights(gm, layer, ctx)
+    assert layer.weight is not None and bn.running_mean and bn.running_var
     groups = layer.groups if isinstance(layer, ConvInfo) else 1
-    if m.side == "output":
-        transposed = isinstance(layer, ConvInfo) and layer.transposed
-        new_w, new_b = fold_output(weight, bias, scale, shift, transposed=transposed, groups=groups)
-    else:
-        new_w, new_b = fold_input(weight, bias, scale, shift, groups=groups, repeat=m.repeat)
-    set_tensor(gm, layer.weight, new_w)
-    if layer.bias is not None:
-        set_tensor(gm, layer.bias, new_b)
-    else:
-        set_bias(gm, layer, new_b)
+    transposed = isinstance(layer, ConvInfo) and layer.transposed
+    eps, side, repeat = bn.eps or 0.0, m.side, m.repeat
+    has_gamma, has_beta, has_bias = bn.weight is not None, bn.bias is not None, layer.bias is not None
+    inputs = [layer.weight, bn.running_mean, bn.running_var]
+    inputs += [name for name in (bn.weight, bn.bias, layer.bias) if name is not None]
+
+    def fold(weight: Tensor, mean: Tensor, var: Tensor, *rest: Tensor) -> tuple[Tensor, Tensor]:
+        it = iter(rest)
+        gamma = next(it) if has_gamma else None
+        beta = next(it) if has_beta else None
+        bias = next(it) if has_bias else None
+        scale, shift = bn_affine(mean, var, gamma, beta, eps)
+        if side == "output":
+            return fold_output(weight, bias, scale, shift, transposed=transposed, groups=groups)
+        return fold_input(weight, bias, scale, shift, groups=groups, repeat=repeat)
+
+    bias_name = layer.bias
+    if bias_name is None:  # give the layer a bias slot; the recipe fills it
+        w = get_tensor(gm, layer.weight)
+        c_out = w.shape[1] * groups if transposed else w.shape[0]
+        bias_name = set_bias(gm, layer, w.new_zeros(c_out))
+    compute_tensors(gm, ctx, [layer.weight, bias_name], inputs, fold, origin="fold-bn")
     bn.node.replace_all_uses_with(bn.input)
     doomed = [bn.node, *([bn.op_node] if bn.op_node is not None else [])]
     # the BN's step counter is read by a use-less get_attr in export graphs: drop it too
@@ -377,7 +398,7 @@ class FoldBatchNorm(Pass):
                 continue
             text = found.describe()
             label = found.bn.label
-            apply(gm, found)
+            apply(gm, found, ctx)
             changes.append(Change(label, text))
             usage = TensorUsage.of(gm)  # the fold added/removed tensors
         if changes:
