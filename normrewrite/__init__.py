@@ -25,6 +25,7 @@ from .errors import (
 )
 from .pass_infra import Change, Pass, PassContext, PassManager, PassResult, Skip
 from .passes import REGISTRY
+from .scale_invariance import param_groups, scale_invariant_params
 
 __all__ = [
     "REGISTRY",
@@ -46,5 +47,7 @@ __all__ = [
     "__version__",
     "convert",
     "inspect",
+    "param_groups",
     "prepare",
+    "scale_invariant_params",
 ]

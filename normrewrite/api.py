@@ -44,6 +44,7 @@ class ConvertResult:
     original: nn.Module
     example_inputs: tuple[Any, ...]
     exported: torch.export.ExportedProgram | None = None  # set when an output needed it
+    onnx_model: Any = None  # the rewritten onnx_ir.Model, for .onnx inputs (graph_module is None)
 
 
 @dataclass
@@ -55,6 +56,8 @@ class NormEntry:
     affine: bool
     node: str
     actions: dict[str, str] = field(default_factory=dict)
+    placement: str = "other"  # pre / post / sandwich / final / other (normrewrite.residual)
+    block: str | None = None  # the residual branch it belongs to (module path)
 
 
 @dataclass
@@ -64,6 +67,8 @@ class InspectResult:
     inputs: list[str]
     norms: list[NormEntry]
     nodes: int
+    # normrewrite.scale_invariance: summary, scale_invariant, undecided, not_invariant, norm_params
+    scale_invariance: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -81,6 +86,7 @@ def _load(
     input_specs: Sequence[InputSpec] | None,
     trust_remote_code: bool,
     seed: int,
+    trust_pickle: bool = False,
 ) -> LoadedModel:
     if isinstance(model, LoadedModel):
         return model
@@ -92,7 +98,8 @@ def _load(
 
             example_inputs = make_inputs(input_specs, seed)
         return LoadedModel(model, as_tuple(example_inputs), "module", type(model).__name__)
-    loaded = load(model, input_specs, trust_remote_code=trust_remote_code, seed=seed)
+    loaded = load(model, input_specs, trust_remote_code=trust_remote_code, seed=seed,
+                  trust_pickle=trust_pickle)
     if example_inputs is not None:
         loaded.example_inputs, loaded.input_origin = as_tuple(example_inputs), "given"
     return loaded
@@ -122,9 +129,11 @@ def prepare(
     keep_training: bool = False,
     trust_remote_code: bool = False,
     seed: int = 0,
+    trust_pickle: bool = False,
+    dynamic: bool = False,
 ) -> tuple[LoadedModel, GraphModule, str, list[str]]:
     """Load and trace: (loaded model, traced graph, tracer used, notes)."""
-    loaded = _load(model, example_inputs, input_specs, trust_remote_code, seed)
+    loaded = _load(model, example_inputs, input_specs, trust_remote_code, seed, trust_pickle)
     notes = list(loaded.notes)
     if loaded.exported is not None:
         from .trace import exported_module
@@ -135,7 +144,7 @@ def prepare(
         shown = ", ".join(training[:3]) + (f" and {len(training) - 3} more" if len(training) > 3 else "")
         notes.append(f"model was in training mode ({shown}); switched to eval mode before tracing")
         loaded.module.eval()
-    traced = trace(loaded.module, loaded.example_inputs, tracer)
+    traced = trace(loaded.module, loaded.example_inputs, tracer, dynamic=dynamic)
     return loaded, traced.graph_module, traced.tracer, notes + traced.notes
 
 
@@ -157,30 +166,60 @@ def convert(
     verify_each: bool = False,
     on_stage: Callable[[str], None] | None = None,
     after_change: Callable[[Pass, PassResult], None] | None = None,
+    trust_pickle: bool = False,
+    onnx_options: Any = None,
+    compile: str | None = None,
+    device: str = "cpu",
 ) -> ConvertResult:
     """Load, trace, rewrite, verify and (optionally) write ``model``.
+
+    ``onnx_options`` (:class:`normrewrite.onnx_io.OnnxOptions`): how ONNX outputs are emitted
+    (opset, target runtime, dynamic axes, dtype). A ``.onnx`` ``model`` is rewritten ONNX in →
+    ONNX out with the ONNX forms of the passes (no torch tracing).
+
+    ``compile="aoti"`` writes every ``.pt2`` output as an AOTInductor package for ``device``
+    (``"cpu"`` or ``"cuda"``); outputs named ``*.aoti.pt2`` are packages regardless
+    (:mod:`normrewrite.compile`).
 
     Raises :class:`~normrewrite.errors.VerifyError` (and writes nothing) when an exact pipeline
     changes the outputs by more than ``rtol`` relative to the largest output magnitude.
     """
     stage = on_stage or (lambda _s: None)
     timings: dict[str, float] = {}
+    onnx_opts = _onnx_options(onnx_options, opset)
+    if isinstance(model, str | os.PathLike) and os.fspath(model).endswith(".onnx"):
+        return _convert_onnx(Path(os.fspath(model)), passes, outputs, onnx_opts, input_specs=input_specs,
+                             verify=verify, rtol=rtol, force=force, seed=seed, stage=stage)
     pipeline = _resolve_passes(passes)
     if rtol <= 0:
         raise UsageError("rtol must be positive")
     out_paths = [Path(o) for o in outputs]
     formats = [_emit.output_format(p) for p in out_paths]
+    from .compile import check_compile_options, output_formats
+
+    check_compile_options(compile, device)
+    formats = output_formats(out_paths, formats, compile)
     src = Path(os.fspath(model)) if isinstance(model, str | os.PathLike) else None
     for p in out_paths:
         from .fsutil import check_output
 
         check_output(p, force=force, inputs=(src,) if src else ())
 
+    wants_onnx = "onnx" in formats
+    reference32 = None  # --dtype: the fp32 original's outputs, which ONNX parity is measured against
     with _timed(timings, "load+trace"):
         stage("loading and tracing")
+        if wants_onnx and onnx_opts.dtype != "float32":
+            model = _load(model, example_inputs, input_specs, trust_remote_code, seed, trust_pickle)
+            reference32 = _cast_model(model, onnx_opts)
+            example_inputs = model.example_inputs
+            from .onnx_io import DTYPE_RTOL
+
+            rtol = max(rtol, DTYPE_RTOL[onnx_opts.dtype])  # the torch-side checks run in that dtype too
         loaded, gm, tracer_used, notes = prepare(
             model, example_inputs, input_specs=input_specs, tracer=tracer,
             keep_training=keep_training, trust_remote_code=trust_remote_code, seed=seed,
+            trust_pickle=trust_pickle, dynamic=wants_onnx and onnx_opts.dynamic,
         )
     inputs = loaded.example_inputs
     meta = on_meta(inputs)
@@ -240,12 +279,26 @@ def convert(
 
     conv = ConvertResult(gm, report, loaded.module, inputs)
     if out_paths:
-        with _timed(timings, "emit"):
+        from .fsutil import undo_on_failure
+
+        with _timed(timings, "emit"), undo_on_failure(out_paths):
             stage("exporting the rewritten model")
-            ep = _emit.export_program(gm, inputs)
+            if wants_onnx:
+                _fix_export(gm, ctx, report)
+            ep = _emit.export_program(gm, inputs, dynamic=wants_onnx and onnx_opts.dynamic)
             conv.exported = ep
             for path, fmt in zip(out_paths, formats, strict=True):
                 stage(f"writing {path}")
+                if fmt == "onnx":
+                    report.outputs.append(_write_onnx(ep, path, inputs, reference32 or reference, rtol, report,
+                                                      onnx_opts, loaded.module))
+                    continue
+                if fmt == "aoti":
+                    from .compile import write_aoti
+
+                    report.outputs.append(write_aoti(ep, path, inputs, device=device, reference=reference,
+                                                     rtol=rtol, exact=report.exact, timings=timings))
+                    continue
                 report.outputs.append(_write(ep, path, fmt, inputs, reference, rtol, report, opset))
     report.seconds = {k: round(v, 3) for k, v in timings.items()}
     return conv
@@ -279,6 +332,136 @@ def _write(
     return OutputReport(r.path, r.format)
 
 
+def _onnx_options(options: Any, opset: int | None) -> Any:
+    from .onnx_io import OnnxOptions
+
+    if options is None:
+        return OnnxOptions(opset=opset)
+    if opset is not None and options.opset is None:
+        from dataclasses import replace
+
+        return replace(options, opset=opset)
+    return options
+
+
+def _cast_model(loaded: LoadedModel, options: Any) -> list[torch.Tensor]:
+    """--dtype: run the fp32 original (the parity reference), then cast the module to the dtype
+    (inputs too, unless --keep-io-types: then casts wrap the module and its I/O stays fp32)."""
+    import copy
+
+    ref = run(loaded.module, loaded.example_inputs)
+    dtype = options.torch_dtype()
+    module = copy.deepcopy(loaded.module).to(dtype)  # .to() is in place: keep the caller's model
+    if options.keep_io_types:
+        loaded.module = _KeepIO(module, dtype).eval()
+    else:
+        loaded.module = module
+        loaded.example_inputs = tuple(
+            t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for t in loaded.example_inputs
+        )
+    loaded.notes.append(f"model cast to {options.dtype}" + (" (fp32 inputs/outputs kept)" if options.keep_io_types else ""))
+    return ref
+
+
+class _KeepIO(nn.Module):
+    """fp32 in, ``dtype`` inside, fp32 out (``--keep-io-types``)."""
+
+    def __init__(self, inner: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.inner, self.dtype = inner, dtype
+
+    def forward(self, *args: Any) -> Any:
+        from torch.utils import _pytree as pytree
+
+        args = tuple(a.to(self.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+        out = self.inner(*args)
+        return pytree.tree_map(
+            lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, out)
+
+
+def _fix_export(gm: GraphModule, ctx: PassContext, report: Report) -> None:
+    """Before ONNX emission: repair what torch.onnx.export cannot take (passes/fix_export.py)."""
+    fix = REGISTRY.create("fix-export")
+    result = fix(gm, ctx)
+    if result.modified:
+        report.passes.append(PassReport(fix.name, fix.describe(), fix.exact, True, result.changes,
+                                        result.skipped, ["run automatically before ONNX emission", *result.notes]))
+
+
+def _write_onnx(
+    ep: torch.export.ExportedProgram,
+    path: Path,
+    inputs: tuple[Any, ...],
+    reference: list[torch.Tensor] | None,
+    rtol: float,
+    report: Report,
+    options: Any,
+    module: nn.Module,
+) -> OutputReport:
+    from .errors import EmitError
+    from .onnx_io import DTYPE_RTOL, OnnxContext, emit
+    from .passes import ONNX_REGISTRY
+
+    training = [n for n, m in module.named_modules() if m.training and isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if training:
+        raise EmitError(
+            f"BatchNorm {training[0] or '<root>'} is in training mode: torch.onnx.export would silently "
+            "write eval behaviour (running statistics); call model.eval() or drop --keep-training-mode"
+        )
+    tol = max(rtol, 1e-4, DTYPE_RTOL[options.dtype])
+
+    def gate(cmp: Any) -> None:
+        if report.exact and not cmp.within(tol):
+            raise VerifyError(
+                f"onnxruntime output of {path} differs from the original model: max rel err "
+                f"{cmp.max_rel_err:.3g} > {tol:g}; nothing written"
+            )
+
+    def postprocess(model: Any, ctx: OnnxContext) -> list[str]:
+        r = ONNX_REGISTRY.create("fuse-norm")(model, ctx)
+        notes = [f"fuse-norm (ONNX): {len(r.changes)} decomposed norms fused"] if r.modified else []
+        if r.skipped:
+            notes.append(f"{len(r.skipped)} norms stay decomposed: {r.skipped[0].reason}")
+        return notes
+
+    r = emit(ep, path, inputs, reference, options, postprocess=postprocess, module=module, check=gate)
+    out = OutputReport(r.path, "onnx", r.parity.max_abs_err if r.parity else None,
+                       r.parity.max_rel_err if r.parity else None)
+    out.notes.extend([f"opset {r.opset}, {r.nodes} nodes, target {options.target}, {options.dtype}", *r.notes])
+    return out
+
+
+def _convert_onnx(
+    src: Path,
+    passes: Sequence[str | Pass],
+    outputs: Sequence[str | os.PathLike[str]],
+    options: Any,
+    *,
+    input_specs: Sequence[InputSpec] | None,
+    verify: bool,
+    rtol: float,
+    force: bool,
+    seed: int,
+    stage: Callable[[str], None],
+) -> ConvertResult:
+    """ONNX in → ONNX out: the ONNX forms of the passes (``passes.ONNX_REGISTRY``), no torch."""
+    from .fsutil import check_output
+    from .onnx_io import convert_model
+    from .passes import ONNX_REGISTRY
+
+    pipeline = [p if isinstance(p, Pass) else ONNX_REGISTRY.create(p) for p in passes]
+    out_paths = [Path(o) for o in outputs]
+    for p in out_paths:
+        check_output(p, force=force, inputs=(src,))
+    shapes = [s.shape for s in input_specs] if input_specs else None
+    model, report = convert_model(src, pipeline, out_paths, options, input_shapes=shapes, verify=verify,
+                                  rtol=1e-5 if rtol == 1e-4 else rtol, seed=seed, stage=stage)
+    result = ConvertResult(None, report, None, ())  # type: ignore[arg-type]
+    result.onnx_model = model
+    return result
+
+
 @contextlib.contextmanager
 def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
     start = time.perf_counter()
@@ -296,17 +479,27 @@ def inspect(
     tracer: Tracer = "auto",
     trust_remote_code: bool = False,
     seed: int = 0,
+    trust_pickle: bool = False,
 ) -> InspectResult:
     """Every norm layer of ``model`` with what each registered pass could do with it."""
+    if isinstance(model, str | os.PathLike) and os.fspath(model).endswith(".onnx"):
+        return _inspect_onnx(Path(os.fspath(model)))
     loaded, gm, tracer_used, _ = prepare(
         model, example_inputs, input_specs=input_specs, tracer=tracer,
-        trust_remote_code=trust_remote_code, seed=seed,
+        trust_remote_code=trust_remote_code, seed=seed, trust_pickle=trust_pickle,
     )
     ctx = PassContext(example_inputs=loaded.example_inputs, reference=loaded.module, seed=seed)
     actions: dict[str, dict[str, str]] = {}
     for cls in REGISTRY:
-        for node_name, text in cls().explain(gm, ctx).items():
+        try:
+            pass_ = cls()
+        except UsageError:  # a pass with required options has nothing to say without them
+            continue
+        for node_name, text in pass_.explain(gm, ctx).items():
             actions.setdefault(node_name, {})[cls.name] = text
+    from .residual import norm_placements
+
+    placed = {p.norm.node: p for p in norm_placements(gm)}
     entries = []
     for info in norms(gm):
         from .graph import node_shape
@@ -318,7 +511,49 @@ def inspect(
                 shape=list(shape) if shape else None, eps=info.eps,
                 affine=info.has_weight or info.has_bias, node=info.node.name,
                 actions=actions.get((info.op_node or info.node).name, {}),
+                placement=placed[info.node].placement if info.node in placed else "other",
+                block=placed[info.node].block if info.node in placed else None,
             )
         )
+    from .scale_invariance import analyze
+
+    si = analyze(gm)
     return InspectResult(loaded.description, tracer_used, describe(loaded.example_inputs), entries,
-                         count_ops(gm))
+                         count_ops(gm), {"summary": si.summary(), **si.to_json()})
+
+
+def _inspect_onnx(path: Path) -> InspectResult:
+    """``inspect`` of an ONNX model: its norm ops, their placement, and what the ONNX passes
+    could do (BatchNorms to fold, decomposed norms to fuse)."""
+    from .onnx_io import (
+        OnnxContext,
+        const_array,
+        count_nodes,
+        load_onnx,
+        model_opset,
+        norm_nodes,
+        placement,
+    )
+    from .passes import ONNX_REGISTRY
+
+    model = load_onnx(path)
+    ctx = OnnxContext(opset=model_opset(model))
+    actions: dict[str, dict[str, str]] = {}
+    for cls in ONNX_REGISTRY:
+        for node_name, text in cls().explain(model, ctx).items():
+            actions.setdefault(node_name, {})[cls.name] = text
+    entries = []
+    for n in norm_nodes(model):
+        eps = n.attributes.get("epsilon")
+        x = n.inputs[0]
+        shape = [d if isinstance(d, int) else -1 for d in x.shape] if x is not None and x.shape is not None else None
+        affine = len(n.inputs) > 1 and n.inputs[1] is not None and (
+            (arr := const_array(n.inputs[1])) is None or not (arr == 1).all())
+        entries.append(NormEntry(n.name or n.outputs[0].name, n.op_type, shape,
+                                 None if eps is None else float(eps.value), bool(affine), n.name,
+                                 actions.get(n.name, {}), placement(n)))
+    for name, acts in actions.items():
+        if "fuse-norm" in acts:
+            entries.append(NormEntry(name, "decomposed (ReduceMean…Sqrt)", None, None, False, name, acts))
+    inputs = [f"{v.name}: {'x'.join(str(d) for d in (v.shape or ()))}" for v in model.graph.inputs]
+    return InspectResult(str(path), f"onnx (opset {model_opset(model)})", inputs, entries, count_nodes(model))

@@ -6,10 +6,12 @@ User errors (:class:`~normrewrite.errors.NormRewriteError`) print one line and e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
+import sys
 import traceback
 import warnings
 from collections.abc import Callable
@@ -33,6 +35,15 @@ def _quiet_libraries() -> None:
     for name in ("torch", "torch.export", "torch.onnx", "onnxscript", "transformers", "torch._dynamo"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _silence_progress() -> None:
+    """--quiet: no third-party progress bars either (transformers' weight loading)."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    tf = sys.modules.get("transformers")
+    if tf is not None:
+        with contextlib.suppress(Exception):
+            tf.utils.logging.disable_progress_bar()
 
 
 def _run(debug: bool, fn: Callable[[], Any]) -> Any:
@@ -80,6 +91,10 @@ _debug_opt = click.option("--debug", is_flag=True, help="show tracebacks")
 _trust_opt = click.option(
     "--trust-remote-code", is_flag=True, help="allow a Hugging Face directory's own model code to run"
 )
+_pickle_opt = click.option(
+    "--trust-pickle", is_flag=True,
+    help="allow unpickling a .pt/.pth/.bin module (runs code from the file); needs --input",
+)
 
 
 @main.command()
@@ -96,26 +111,51 @@ _trust_opt = click.option(
 @click.option("--no-verify", is_flag=True, help="skip the numeric check of the rewritten model")
 @click.option("--verify-each", is_flag=True, help="check outputs after every exact pass that changed the graph")
 @click.option("--print-after-change", is_flag=True, help="print the graph after every pass that changed it")
-@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+@click.option("--opset", type=int, default=None,
+              help="ONNX opset (default: the newest onnx, onnxruntime and the exporter all support)")
+@click.option("--onnx-target", type=click.Choice(["standard", "ort"]), default="standard", show_default=True,
+              help="ONNX ops: standard only, or onnxruntime's fused norm ops (SimplifiedLayerNormalization, "
+                   "Skip*Normalization) below opset 23")
+@click.option("--dynamic", is_flag=True,
+              help="ONNX with symbolic batch/sequence/image dims (checked at another size)")
+@click.option("--dtype", "onnx_dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True, help="ONNX weights and compute dtype (norms reduce in fp32)")
+@click.option("--keep-io-types", is_flag=True, help="with --dtype: keep fp32 ONNX inputs and outputs")
 @click.option("--force", is_flag=True, help="replace existing outputs")
 @click.option("--keep-training-mode", is_flag=True,
               help="trace as is instead of switching a model in training mode to eval")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed for random example inputs")
 @click.option("-q", "--quiet", is_flag=True, help="print nothing but errors")
+@click.option("--meta", is_flag=True,
+              help="for models larger than memory: trace on the meta device and stream the weights "
+                   "from MODEL's safetensors into sharded safetensors in the -o DIR/")
+@click.option("--max-shard-size", type=int, default=1 << 30, show_default=True,
+              help="bytes per output shard with --meta")
+@click.option("--compile", "compile_", type=click.Choice(["aoti"]), default=None,
+              help="write .pt2 outputs as AOTInductor packages (compiled; load with "
+                   "torch._inductor.aoti_load_package); *.aoti.pt2 outputs always are")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="device the AOTInductor package is compiled for")
 @_trust_opt
+@_pickle_opt
 @_debug_opt
 def convert(
     model: str, outputs: tuple[str, ...], pass_specs: tuple[str, ...], inputs: tuple[str, ...],
     tracer: str, report_path: str | None, rtol: float, no_verify: bool, verify_each: bool,
     print_after_change: bool, opset: int | None, force: bool, keep_training_mode: bool, seed: int,
-    quiet: bool, trust_remote_code: bool, debug: bool,
+    quiet: bool, meta: bool, max_shard_size: int, trust_remote_code: bool, trust_pickle: bool,
+    debug: bool, compile_: str | None = None, device: str = "cpu", onnx_target: str = "standard",
+    dynamic: bool = False, onnx_dtype: str = "float32", keep_io_types: bool = False,
 ) -> None:
     """Rewrite MODEL with passes and write it to each -o output.
 
-    MODEL is FILE.py:factory, pkg.module:factory, a Hugging Face directory or a .pt2 program.
+    MODEL is FILE.py:factory, pkg.module:factory, a Hugging Face directory or a .pt2 program,
+    or an .onnx model (rewritten ONNX in → ONNX out with the passes' ONNX forms).
     """
     if not debug:
         _quiet_libraries()
+    if quiet:
+        _silence_progress()
     out = Console(quiet=quiet, highlight=False)
     err = Console(stderr=True, quiet=quiet, highlight=False)
 
@@ -130,9 +170,18 @@ def convert(
         specs = _specs(inputs)
         passes = list(pass_specs) or ["fold-bn"]
         for spec in passes:  # fail fast on bad pass names/options, before loading anything
-            from .passes import REGISTRY
+            from .passes import ONNX_REGISTRY, REGISTRY
 
-            REGISTRY.create(spec)
+            (ONNX_REGISTRY if model.endswith(".onnx") else REGISTRY).create(spec)
+        from .onnx_io import OnnxOptions
+
+        onnx_options = OnnxOptions(opset=opset, target=onnx_target, dynamic=dynamic,  # type: ignore[arg-type]
+                                   dtype=onnx_dtype, keep_io_types=keep_io_types)
+
+        if meta:
+            _stream(model, passes, outputs, force=force, max_shard_size=max_shard_size,
+                    trust_remote_code=trust_remote_code, err=err, out=out)
+            return
 
         def after(p: Any, r: Any) -> None:
             if print_after_change:
@@ -144,8 +193,9 @@ def convert(
                 model, passes, input_specs=specs, tracer=tracer, verify=not no_verify,
                 rtol=rtol, outputs=outputs, force=force, opset=opset,
                 keep_training=keep_training_mode, trust_remote_code=trust_remote_code, seed=seed,
-                verify_each=verify_each, after_change=after,
-                on_stage=lambda s: status.update(s),
+                verify_each=verify_each, after_change=after, trust_pickle=trust_pickle,
+                on_stage=lambda s: status.update(s), compile=compile_, device=device,
+                onnx_options=onnx_options,
             )
         render(result.report, out)
         if report_path:
@@ -157,15 +207,31 @@ def convert(
     _run(debug, go)
 
 
+def _stream(model: str, passes: list[str], outputs: tuple[str, ...], *, force: bool,
+            max_shard_size: int, trust_remote_code: bool, err: Console, out: Console) -> None:
+    from .errors import UsageError
+    from .stream import convert_checkpoint
+
+    if len(outputs) != 1 or Path(outputs[0]).suffix in (".pt2", ".onnx"):
+        raise UsageError("--meta writes sharded safetensors: give one output directory, -o OUT_DIR/")
+    res = convert_checkpoint(model, passes, outputs[0], force=force, max_shard_size=max_shard_size,
+                             trust_remote_code=trust_remote_code, progress=not err.quiet, console=err)
+    for name, changes in res.changes.items():
+        out.print(f"[bold]{name}[/]: {len(changes)} changes")
+    out.print(f"wrote {res.tensors} tensors ({res.bytes_written / 1e9:.2f} GB) in {len(res.shards)} "
+              f"shards to {res.out_dir} in {res.seconds['total']:.1f} s")
+
+
 @main.command()
 @_model_arg
 @_input_opt
 @_tracer_opt
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @_trust_opt
+@_pickle_opt
 @_debug_opt
 def inspect(model: str, inputs: tuple[str, ...], tracer: str, as_json: bool,
-            trust_remote_code: bool, debug: bool) -> None:
+            trust_remote_code: bool, trust_pickle: bool, debug: bool) -> None:
     """List MODEL's norm layers and what each pass could do with them."""
     if not debug:
         _quiet_libraries()
@@ -174,7 +240,7 @@ def inspect(model: str, inputs: tuple[str, ...], tracer: str, as_json: bool,
         from . import api
 
         result = api.inspect(model, input_specs=_specs(inputs), tracer=tracer,
-                             trust_remote_code=trust_remote_code)
+                             trust_remote_code=trust_remote_code, trust_pickle=trust_pickle)
         if as_json:
             click.echo(json.dumps(result.to_json(), indent=2, default=str))
             return
@@ -182,13 +248,26 @@ def inspect(model: str, inputs: tuple[str, ...], tracer: str, as_json: bool,
         console.print(f"[bold]{result.model}[/]  traced with {result.tracer}, inputs {', '.join(result.inputs)}, "
                       f"{result.nodes} ops, {len(result.norms)} norm layers")
         table = Table()
-        for col in ("name", "type", "shape", "eps", "what passes could do"):
+        for col in ("block", "name", "type", "placement", "shape", "eps", "what passes could do"):
             table.add_column(col)
+        previous = None
         for n in result.norms:
             acts = "\n".join(f"{k}: {v}" for k, v in n.actions.items()) or "-"
-            table.add_row(n.name, n.type, "x".join(map(str, n.shape)) if n.shape else "?",
+            block = n.block or "-"
+            table.add_row("" if block == previous else block, n.name, n.type, n.placement,
+                          "x".join(map(str, n.shape)) if n.shape else "?",
                           "-" if n.eps is None else f"{n.eps:g}", acts)
+            previous = block
         console.print(table)
+        si = result.scale_invariance
+        if si:
+            names = [f"{p['name']}" + (" (batch stats)" if p["condition"] == "batch-stats" else "")
+                     for p in si["scale_invariant"]]
+            shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+            console.print(f"scale invariance: {si['summary']}" + (f"; invariant: {shown}" if names else ""),
+                          markup=False)
+            for u in si["undecided"][:6]:
+                console.print(f"  undecided {u['name']}: {u['reason']}", markup=False)
 
     _run(debug, go)
 

@@ -29,6 +29,7 @@ from torch.fx import GraphModule
 
 from .errors import EmitError
 from .fsutil import atomic_dir, atomic_file
+from .trace import silenced
 from .verify import Comparison, compare, tensor_leaves
 
 
@@ -51,12 +52,15 @@ def output_format(path: Path) -> str:
     raise EmitError(f"cannot tell the output format of {path}: use .pt2, .onnx or a directory (DIR/)")
 
 
-def export_program(gm: GraphModule, example_inputs: tuple[Any, ...]) -> ExportedProgram:
-    """A fresh ``torch.export`` program of the rewritten module."""
+def export_program(gm: GraphModule, example_inputs: tuple[Any, ...], *, dynamic: bool = False) -> ExportedProgram:
+    """A fresh ``torch.export`` program of the rewritten module (``dynamic``: all dims free)."""
+    from .trace import dynamic_shapes
+
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), silenced():
             warnings.simplefilter("ignore")
-            return torch.export.export(gm, tuple(example_inputs), strict=False)
+            return torch.export.export(gm, tuple(example_inputs), strict=False,
+                                       dynamic_shapes=dynamic_shapes(example_inputs) if dynamic else None)
     except Exception as e:
         raise EmitError(f"torch.export of the rewritten model failed: {type(e).__name__}: {_first(e)}") from e
 

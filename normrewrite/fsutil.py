@@ -17,7 +17,8 @@ def check_output(dest: Path, *, force: bool, inputs: tuple[Path, ...] = ()) -> N
     resolved = dest.resolve()
     for src in inputs:
         try:
-            if src.exists() and (resolved == src.resolve() or src.resolve() in resolved.parents):
+            inside = resolved in src.resolve().parents  # a DIR output holding the input
+            if src.exists() and (resolved == src.resolve() or src.resolve() in resolved.parents or inside):
                 raise EmitError(f"output {dest} would overwrite the input {src}")
         except OSError:
             continue
@@ -33,7 +34,9 @@ def atomic_file(dest: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; on normal exit it replaces ``dest`` atomically,
     on any exception (including KeyboardInterrupt/SystemExit) it is removed."""
     dest = Path(dest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent or ".")
+    # keep dest's suffix last: some writers (torch.export.save) check it
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f".partial{dest.suffix}",
+                               dir=dest.parent or ".")
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -62,4 +65,22 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
             os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def undo_on_failure(dests: list[Path] | tuple[Path, ...]) -> Iterator[None]:
+    """For several outputs written one after another (each atomically): if anything fails, remove
+    the ones this block created, so a failed run leaves no output behind. (An output that existed
+    before and was replaced under ``--force`` cannot be restored.)"""
+    new = [Path(d) for d in dests if not Path(d).exists()]
+    try:
+        yield
+    except BaseException:
+        for d in new:
+            if d.is_dir() and not d.is_symlink():
+                shutil.rmtree(d, ignore_errors=True)
+            elif d.exists():
+                with contextlib.suppress(OSError):
+                    d.unlink()
         raise

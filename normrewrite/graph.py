@@ -251,9 +251,12 @@ def _identity(t: torch.Tensor) -> int:
     return id(t)
 
 
-def erase_unused(gm: GraphModule, nodes: Iterable[Node]) -> None:
+def erase_unused(gm: GraphModule, nodes: Iterable[Node], *, finalize: bool = True) -> None:
     """Erase the given nodes once nothing reads them (in any order), then the ``get_attr``
-    nodes they leave orphaned, and delete stored tensors and submodules no node reads any more."""
+    nodes they leave orphaned, and delete stored tensors and submodules no node reads any more.
+
+    ``finalize=False`` skips the lint and recompile, for passes that erase many times and leave
+    both to ``Pass.ensures`` (recompiling a large graph after every small edit is slow)."""
     candidates = list(nodes)
     erased: set[Node] = set()
     dropped: set[str] = set()
@@ -274,8 +277,9 @@ def erase_unused(gm: GraphModule, nodes: Iterable[Node]) -> None:
     for fqn in dropped - still_read:
         delete_tensor(gm, fqn)
     gm.delete_all_unused_submodules()
-    gm.graph.lint()
-    gm.recompile()
+    if finalize:
+        gm.graph.lint()
+        gm.recompile()
 
 
 def used_modules(gm: GraphModule) -> set[str]:
@@ -303,3 +307,29 @@ def to_networkx(gm: GraphModule, *, with_constants: bool = False) -> nx.DiGraph:
                 continue
             g.add_edge(a.name, n.name)
     return g
+
+
+def replace_with_holder(gm: GraphModule, path: str) -> None:
+    """Replace the submodule at ``path``, once no ``call_module`` node calls it any more, by a
+    plain ``nn.Module`` holding only the tensors ``get_attr`` nodes still read (same FQNs, same
+    kind), so the state dict keeps no stale entries (e.g. a swapped norm's running statistics)."""
+    if any(n.op == "call_module" and n.target == path for n in gm.graph.nodes):
+        return
+    try:
+        old = gm.get_submodule(path)
+    except AttributeError:
+        return
+    read = {str(n.target).rpartition(".")[2] for n in gm.graph.nodes
+            if n.op == "get_attr" and str(n.target).rpartition(".")[0] == path}
+    holder = nn.Module()
+    for name, t in old._parameters.items():
+        if name in read and t is not None:
+            holder.register_parameter(name, t)
+    for name, t in old._buffers.items():
+        if name in read and t is not None:
+            holder.register_buffer(name, t, persistent=name not in old._non_persistent_buffers_set)
+    for name, child in old.named_children():
+        holder.add_module(name, child)
+    parent, _, name = path.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, name, holder)
+    gm.delete_all_unused_submodules()

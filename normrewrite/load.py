@@ -8,7 +8,8 @@ Accepted:
   class is ``config.json``'s ``architectures[0]`` from ``transformers``; the network is never used;
 * a ``torch.export`` program saved as ``.pt2``.
 
-``.onnx`` files are recognised and refused with a clear message (ONNX-in is not supported yet).
+``.onnx`` files hold no torch module: ``convert``/``inspect`` rewrite them ONNX in → ONNX out
+(:mod:`normrewrite.onnx_io`); here they are checked (bad files get a one-line error) and refused.
 Pickled ``.pt``/``.pth``/``.bin`` modules are refused: unpickling runs arbitrary code.
 """
 
@@ -49,27 +50,34 @@ def load(
     *,
     trust_remote_code: bool = False,
     seed: int = 0,
+    trust_pickle: bool = False,
 ) -> LoadedModel:
-    """Load ``ref`` (see module docs). ``inputs`` overrides any example inputs the source knows."""
+    """Load ``ref`` (see module docs). ``inputs`` overrides any example inputs the source knows.
+    ``trust_pickle`` allows unpickling a ``.pt``/``.pth``/``.bin`` module (runs the file's code)."""
     text = os.fspath(ref)
     path = Path(text)
     if path.is_dir():
         loaded = _load_hf(path, inputs, trust_remote_code=trust_remote_code, seed=seed)
     elif path.suffix == ".pt2":
-        loaded = _load_pt2(path, inputs, seed=seed)
+        loaded = _load_pt2(path, inputs, seed=seed, trust_pickle=trust_pickle)
     elif path.suffix == ".onnx":
-        if not path.exists():
-            raise LoadError(f"no such file: {path}")
+        from .onnx_io import load_onnx
+
+        load_onnx(path)  # one-line errors for missing, truncated or non-ONNX files
         raise LoadError(
-            f"{path}: ONNX input is not supported yet; give the torch model "
-            "(a factory, a Hugging Face directory or a .pt2 program)"
+            f"{path}: an ONNX model has no torch module; normrewrite convert/inspect rewrite it "
+            "ONNX in → ONNX out (normrewrite.convert(path, ...))"
         )
     elif path.suffix in (".pt", ".pth", ".bin", ".pkl", ".ckpt"):
         if not path.exists():
             raise LoadError(f"no such file: {path}")
+        if trust_pickle:
+            return _load_pickle(path, inputs, seed=seed)
         raise LoadError(
             f"{path}: refusing to unpickle a {path.suffix} file (pickle runs arbitrary code); "
-            "use a factory with safetensors weights, a torch.export .pt2, or a Hugging Face directory"
+            "use a factory with safetensors weights (or a state dict loaded with "
+            "torch.load(weights_only=True)), a torch.export .pt2, or a Hugging Face directory; "
+            "--trust-pickle loads it anyway if you trust its author"
         )
     elif ":" in text:
         loaded = _load_factory(text, inputs, seed=seed)
@@ -135,14 +143,41 @@ def _load_factory(
     return LoadedModel(made, example, "factory", ref, input_origin=origin)
 
 
+# --------------------------------------------------------------------------- pickle (opt-in)
+
+
+def _load_pickle(path: Path, inputs: Sequence[InputSpec] | None, *, seed: int) -> LoadedModel:
+    """``torch.load(weights_only=False)`` of a whole pickled module: only with ``trust_pickle``."""
+    if not inputs:
+        raise LoadError(f"{path}: a pickled module carries no example inputs; pass --input SHAPE[:dtype]")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise LoadError(f"{path}: cannot unpickle: {type(e).__name__}: {e}") from e
+    if not isinstance(obj, nn.Module):
+        what = "a state dict" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+        raise LoadError(
+            f"{path} holds {what}, not a module; load it into a model in a factory "
+            "(torch.load(weights_only=True)) and give FILE.py:factory"
+        )
+    obj.eval()
+    return LoadedModel(obj, make_inputs(inputs, seed), "pickle", str(path),
+                       notes=[f"{path.name} was unpickled (--trust-pickle)"])
+
+
 # --------------------------------------------------------------------------- torch.export
 
 
-def _load_pt2(path: Path, inputs: Sequence[InputSpec] | None, *, seed: int) -> LoadedModel:
+def _load_pt2(
+    path: Path, inputs: Sequence[InputSpec] | None, *, seed: int, trust_pickle: bool = False
+) -> LoadedModel:
     if not path.is_file():
         raise LoadError(f"no such file: {path}")
     if not zipfile.is_zipfile(path):
         raise LoadError(f"{path}: not a torch.export program (not a .pt2 archive)")
+    from .safety import check_pt2
+
+    check_pt2(path, trust_pickle=trust_pickle)  # torch.export.load may unpickle: see safety.py
     try:
         ep = torch.export.load(str(path))
     except Exception as e:

@@ -133,6 +133,17 @@ def _normalized(node: Node, gm: GraphModule) -> dict[str, Any]:
             for a, v in zip(schema.arguments, node.args, strict=False):
                 kwargs[a.name] = v
             kwargs.update(node.kwargs)
+        elif node.op == "call_function":
+            # torch builtins with overloads that differ only in types (F.conv2d's padding:
+            # list or str) are "ambiguous" to fx; their parameter names agree, so take the first
+            from torch.fx.operator_schemas import get_signature_for_torch_op
+
+            for sig in get_signature_for_torch_op(node.target) or ():
+                try:
+                    kwargs = dict(sig.bind(*node.args, **node.kwargs).arguments)
+                    break
+                except TypeError:
+                    continue
     return kwargs
 
 
@@ -177,7 +188,8 @@ def _fqn_of(arg: Any) -> tuple[str | None, bool]:
     return constant_fqn(arg), True
 
 
-def _module(gm: GraphModule, node: Node) -> nn.Module | None:
+def called_module(gm: GraphModule, node: Node) -> nn.Module | None:
+    """The submodule a ``call_module`` node calls, else None."""
     if node.op != "call_module":
         return None
     try:
@@ -229,7 +241,7 @@ _F_CONV = {
 
 def conv_info(gm: GraphModule, node: Node) -> ConvInfo | None:
     """Describe ``node`` if it is a (transposed) 1d/2d/3d convolution."""
-    mod = _module(gm, node)
+    mod = called_module(gm, node)
     if mod is not None:
         if not isinstance(mod, nn.modules.conv._ConvNd) or not node.args:
             return None
@@ -268,7 +280,7 @@ _LINEAR_FUNCS = {aten.linear.default, F.linear}
 
 
 def linear_info(gm: GraphModule, node: Node) -> LinearInfo | None:
-    mod = _module(gm, node)
+    mod = called_module(gm, node)
     if mod is not None:
         if not isinstance(mod, nn.Linear) or not node.args:
             return None
@@ -307,7 +319,7 @@ _ATEN_BN = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.d
 
 def norm_info(gm: GraphModule, node: Node) -> NormInfo | None:
     """Describe ``node`` if it is a normalization layer of any supported kind and form."""
-    mod = _module(gm, node)
+    mod = called_module(gm, node)
     if mod is not None:
         return _module_norm(node, mod)
     if node.op != "call_function":
@@ -437,7 +449,155 @@ def flatten_start_end(gm: GraphModule, node: Node) -> tuple[Node, int, int] | No
         start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
         end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
         return node.args[0], int(start), int(end)
-    mod = _module(gm, node)
+    mod = called_module(gm, node)
     if isinstance(mod, nn.Flatten):
         return node.args[0], mod.start_dim, mod.end_dim
     return None
+
+
+# --------------------------------------------------------------------------- pad
+
+_PAD_FUNCS = {aten.pad.default, F.pad}
+
+
+@dataclass(frozen=True)
+class PadInfo:
+    node: Node
+    input: Node
+    pad: tuple[int, ...]  # F.pad order: last dim first, (before, after) per dim
+    mode: str  # "constant" | "reflect" | "replicate" | "circular"
+    value: float | None
+
+    @property
+    def dims(self) -> int:
+        """How many trailing dims are padded."""
+        return len(self.pad) // 2
+
+    def commutes_with_channel_affine(self) -> bool:
+        """pad(s·x + t) = s·pad(x) + t per channel: true for modes that copy input values."""
+        return self.mode in ("reflect", "replicate", "circular")
+
+
+def pad_info(gm: GraphModule, node: Node) -> PadInfo | None:
+    """Describe ``node`` if it is ``F.pad`` / ``aten.pad`` (how torch.export spells a conv's
+    reflect/replicate/circular padding)."""
+    if node.op != "call_function" or node.target not in _PAD_FUNCS:
+        return None
+    kw = _normalized(node, gm)
+    if "input" not in kw or "pad" not in kw:
+        return None
+    value = kw.get("value")
+    return PadInfo(node, kw["input"], tuple(int(p) for p in kw["pad"]), str(kw.get("mode") or "constant"),
+                   None if value is None else float(value))
+
+
+# --------------------------------------------------------------------------- dense (linear-like)
+
+
+@dataclass(frozen=True)
+class DenseInfo:
+    """A layer ``y = x·Wᵀ + b`` over the last dim however it is spelled: a Linear (weight
+    ``(out, in)``, ``out_dim = 0``) or GPT-2's Conv1D, traced as ``addmm(b, x2d, W)`` with the
+    weight stored ``(in, out)`` (``out_dim = 1``). Kept apart from :class:`LinearInfo` so passes
+    that assume the Linear layout never see the transposed one."""
+
+    node: Node
+    input: Node
+    weight: str | None
+    bias: str | None
+    has_bias: bool
+    out_dim: int  # the weight dim that indexes output features
+
+    @property
+    def label(self) -> str:
+        return node_label(self.node)
+
+
+def dense_info(gm: GraphModule, node: Node) -> DenseInfo | None:
+    """Describe ``node`` if it is a Linear in any form, or an ``addmm`` with a stored weight."""
+    lin = linear_info(gm, node)
+    if lin is not None:
+        return DenseInfo(lin.node, lin.input, lin.weight, lin.bias, lin.has_bias, 0)
+    if node.op == "call_function" and node.target in (aten.addmm.default, torch.addmm):
+        kw = _normalized(node, gm)
+        if kw.get("beta", 1) != 1 or kw.get("alpha", 1) != 1:
+            return None
+        weight = constant_fqn(kw.get("mat2"))
+        if weight is None:  # a matmul of two activations is not a layer
+            return None
+        b, has_b = _fqn_of(kw.get("input"))
+        return DenseInfo(node, kw["mat1"], weight, b, has_b, 1)
+    return None
+
+
+# --------------------------------------------------------------------------- emitting ops
+
+# name → (ATen overload for torch.export graphs, callable for symbolic_trace graphs); both take
+# the same positional arguments.
+_EMIT: dict[str, tuple[Any, Any]] = {
+    "add": (aten.add.Tensor, operator.add),
+    "sub": (aten.sub.Tensor, operator.sub),
+    "mul": (aten.mul.Tensor, operator.mul),
+    "div": (aten.div.Tensor, operator.truediv),
+    "tanh": (aten.tanh.default, torch.tanh),
+    "reshape": (aten.reshape.default, torch.reshape),
+    "permute": (aten.permute.default, torch.permute),
+    "vector_norm": (aten.linalg_vector_norm.default, torch.linalg.vector_norm),
+}
+
+
+def emit_op(gm: GraphModule, name: str, *args: Any, aten_form: bool) -> Node:
+    """Insert ``name(*args)`` (see ``_EMIT``) at the graph's insertion point, as an ATen op in
+    torch.export graphs (``aten_form``) or a torch/operator call in symbolic_trace graphs."""
+    target = _EMIT[name][0 if aten_form else 1]
+    return gm.graph.call_function(target, tuple(args))
+
+
+def emit_norm(
+    gm: GraphModule,
+    kind: str,
+    x: Node,
+    *,
+    aten_form: bool,
+    weight: Node | None = None,
+    bias: Node | None = None,
+    eps: float | None = 1e-5,
+    num_groups: int | None = None,
+    normalized_shape: tuple[int, ...] | None = None,
+    running_mean: Node | None = None,
+    running_var: Node | None = None,
+    momentum: float = 0.1,
+) -> Node:
+    """Insert one normalization op of ``kind`` (see :data:`NORM_KINDS`) reading ``x``, in the
+    graph's flavour: ``aten.<kind>`` for torch.export graphs, ``F.<kind>`` for symbolic_trace
+    graphs. BatchNorm is emitted in eval form (running statistics, ``training=False``);
+    InstanceNorm always uses input statistics. :func:`norm_info` reads every form back."""
+    shape = list(normalized_shape or ())
+    if kind == "batchnorm":
+        if aten_form:
+            args = (x, weight, bias, running_mean, running_var, False, momentum, eps, False)
+            return gm.graph.call_function(aten.batch_norm.default, args)
+        return gm.graph.call_function(
+            F.batch_norm, (x, running_mean, running_var, weight, bias, False, momentum, eps))
+    if kind == "groupnorm":
+        if aten_form:
+            return gm.graph.call_function(aten.group_norm.default, (x, num_groups, weight, bias, eps, False))
+        return gm.graph.call_function(F.group_norm, (x, num_groups, weight, bias, eps))
+    if kind == "instancenorm":
+        if aten_form:
+            args = (x, weight, bias, None, None, True, momentum, eps, False)
+            return gm.graph.call_function(aten.instance_norm.default, args)
+        return gm.graph.call_function(F.instance_norm, (x, None, None, weight, bias, True, momentum, eps))
+    if kind == "layernorm":
+        if aten_form:
+            return gm.graph.call_function(aten.layer_norm.default, (x, shape, weight, bias, eps, False))
+        return gm.graph.call_function(F.layer_norm, (x, shape, weight, bias, eps))
+    if kind == "rmsnorm":
+        target = aten.rms_norm.default if aten_form else F.rms_norm
+        return gm.graph.call_function(target, (x, shape, weight, eps))
+    raise ValueError(f"unknown norm kind {kind!r} (one of {', '.join(NORM_KINDS)})")
+
+
+def call_args(gm: GraphModule, node: Node) -> dict[str, Any]:
+    """A call_function node's arguments by parameter name, positional ones included."""
+    return _normalized(node, gm)

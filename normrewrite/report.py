@@ -133,5 +133,7 @@ def render(report: Report, console: Console, *, max_rows: int = 12) -> None:
         extra = ""
         if o.onnx_max_rel_err is not None:
             extra = f" (onnxruntime vs original: max abs {_fmt(o.onnx_max_abs_err)}, rel {_fmt(o.onnx_max_rel_err)})"
+        if o.notes:
+            extra += escape(" (" + "; ".join(o.notes) + ")")
         summary.add_row("wrote", escape(f"{o.path} [{o.format}]") + extra)
     console.print(summary)

@@ -5,8 +5,52 @@ A test keeps this registry, the files in this folder and the README's pass table
 
 from normrewrite.pass_infra import PassRegistry
 
+from .apply_weight_norm import ApplyWeightNorm
+from .fix_export import FixExport
 from .fold_bn import FoldBatchNorm
+from .fold_norm_affine import FoldNormAffine
+from .fuse_norm import FuseNorm
+from .ln_to_rmsnorm import LnToRmsNorm
+from .onnx_fold_bn import OnnxFoldBatchNorm
+from .onnx_fuse_norm import OnnxFuseNorm
+from .post_to_pre import PostToPre, PreToPost
+from .recalibrate_bn import RecalibrateBatchNorm
+from .remove_weight_norm import RemoveWeightNorm
+from .swap_norm import SwapNorm
 
-REGISTRY = PassRegistry([FoldBatchNorm])
+REGISTRY = PassRegistry(
+    [
+        FoldBatchNorm,
+        FuseNorm,
+        FoldNormAffine,
+        LnToRmsNorm,
+        SwapNorm,
+        RemoveWeightNorm,
+        ApplyWeightNorm,
+        PostToPre,
+        PreToPost,
+        RecalibrateBatchNorm,
+        FixExport,
+    ]
+)
 
-__all__ = ["REGISTRY", "FoldBatchNorm"]
+# ONNX forms, keyed by the same names: `-p fold-bn` on an .onnx input runs OnnxFoldBatchNorm
+ONNX_REGISTRY = PassRegistry([OnnxFoldBatchNorm, OnnxFuseNorm])
+
+__all__ = [
+    "ONNX_REGISTRY",
+    "REGISTRY",
+    "ApplyWeightNorm",
+    "FixExport",
+    "FoldBatchNorm",
+    "FoldNormAffine",
+    "FuseNorm",
+    "LnToRmsNorm",
+    "OnnxFoldBatchNorm",
+    "OnnxFuseNorm",
+    "PostToPre",
+    "PreToPost",
+    "RecalibrateBatchNorm",
+    "RemoveWeightNorm",
+    "SwapNorm",
+]

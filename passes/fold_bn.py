@@ -17,7 +17,8 @@ A missing conv bias is created (``b = 0``); an existing one is rescaled.
 is a constant per output channel only when every output sees a full kernel of ``t``: true for
 Linear (also after ``flatten(1)`` of a BN2d output, each channel repeated H·W times) and for
 unpadded Conv (zero padding would mix 0 with ``t`` at the borders; reflect/replicate/circular
-padding pads with BN'd values and stays exact). Transposed convs are never input-folded.
+padding pads with BN'd values and stays exact, whether the conv pads itself or torch.export wrote
+it as a separate ``pad`` node before an unpadded conv). Transposed convs are never input-folded.
 
 Preconditions, each checked and reported when it fails: BN in eval mode with running statistics;
 the layer's weight and bias are stored tensors read by this layer only (a conv module called at two
@@ -56,6 +57,7 @@ from normrewrite.ops import (
     conv_info,
     flatten_start_end,
     linear_info,
+    pad_info,
     set_arg,
     set_bias,
 )
@@ -233,7 +235,7 @@ def _output_problem(layer: Layer, bn: NormInfo, channels: int | None) -> str | N
     kind = _layer_kind(layer)
     n_users = len(layer.node.users)
     if n_users != 1:
-        return f"the output of {kind} {layer.label} has {n_users} users besides feeding this BN only"
+        return f"the output of {kind} {layer.label} has {n_users} users: folding would change the others"
     shape = node_shape(layer.node)
     if shape is None:
         return f"the output shape of {layer.label} is unknown"
@@ -263,12 +265,22 @@ def _input_consumer(gm: GraphModule, bn: NormInfo, user: Node) -> tuple[Layer | 
             return None, 1, "the flatten after it has several users"
         repeat = math.prod(shape[2:]) if shape else 1
         target = next(iter(user.users))
+    pad = pad_info(gm, user) if flat is None else None
+    if pad is not None:  # torch.export spells a reflect/replicate/circular conv as pad → conv
+        rank = len(shape) if shape else 0
+        if not pad.commutes_with_channel_affine() or pad.dims > rank - 2:
+            return None, 1, f"it is followed by a {pad.mode} pad, which does not commute with the BN shift"
+        if len(user.users) != 1:
+            return None, 1, "the pad after it has several users"
+        target = next(iter(user.users))
     layer = _layer(gm, target)
     if layer is None:
         return None, 1, None
-    via = user if flat is not None else bn.node
+    via = user if flat is not None or pad is not None else bn.node
     if layer.input is not via:
         return None, 1, f"it feeds {layer.label} as a parameter, not as its input"
+    if pad is not None and (not isinstance(layer, ConvInfo) or layer.transposed):
+        return None, 1, f"a pad between BN and {_layer_kind(layer)} {layer.label}"
     if isinstance(layer, LinearInfo):
         if flat is None and (shape is None or len(shape) != 2):
             return None, 1, (
@@ -365,7 +377,7 @@ def apply(gm: GraphModule, m: FoldMatch, ctx: PassContext) -> None:
     # the BN's step counter is read by a use-less get_attr in export graphs: drop it too
     counter = bn.running_mean.rpartition(".")[0] + ".num_batches_tracked"
     doomed += [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == counter and not n.users]
-    erase_unused(gm, doomed)
+    erase_unused(gm, doomed, finalize=False)  # Pass.ensures lints and recompiles once
 
 
 # --------------------------------------------------------------------------- pass

@@ -1,0 +1,248 @@
+"""ln-to-rmsnorm: LayerNorm → RMSNorm, made exact by re-centring the residual stream.
+
+Identity (Jiang et al., NeurIPS 2023, "Pre-RMSNorm and Pre-CRMSNorm Transformers",
+arXiv 2305.14858). For a vector ``x`` of ``D`` features with mean ``x̄ = 0``::
+
+    LayerNorm(x; γ, β, ε) = γ ⊙ x / sqrt(mean(x²) + ε) + β = RMSNorm(x; γ, ε) + β
+
+A Pre-LN transformer reads its residual stream only through LayerNorms, which ignore the mean of
+their input; so the mean can be removed from the stream without changing the model: replace every
+*writer* ``w`` of the stream by ``C w`` with ``C = I − 11ᵀ/D`` — for a linear layer ``W ← W −
+mean_out(W)``, ``b ← b − mean(b)``; for an embedding table, each row minus its mean; likewise a
+patch-embedding conv's output channels and stored tensors added in (``cls_token``, position
+embeddings). Each op between writers and readers (residual adds, dropout, reshapes keeping the
+features, transposes, ``cat`` along tokens) commutes with ``C``, so every stream value becomes
+zero-mean and each LayerNorm becomes an RMSNorm with the same ε. Finally γ/β are folded into the
+linear layers that read the norm (``fold-norm-affine``; option ``fold``) or, where the norm feeds
+anything else (the final norm's output is the model output), kept as ``RMSNorm(x; γ) + β``.
+
+Preconditions, checked on the graph (:func:`normrewrite.residual_stream.residual_streams`), per
+stream; a stream that fails one keeps its LayerNorms and the report gives the reason:
+
+* the stream is read only through LayerNorms over its features (Pre-LN; a Post-LN model such as
+  BERT reads the un-normalized sum in the next branch, and a model returning the raw stream
+  exposes its mean — both are refused);
+* every writer is a linear / non-grouped conv / embedding / stored tensor (a model taking
+  ``inputs_embeds`` or adding a computed bias is refused);
+* the writers' tensors are read nowhere else: a tied output head (``lm_head.weight is
+  wte.weight``) is refused, or with ``untie=true`` the embedding gets its own re-centred copy
+  (the head keeps the original table);
+* the RMSNorm keeps the LayerNorm's ε (it is the same ``mean(x²) + ε`` once the mean is zero).
+
+The rewrite is exact in real arithmetic; in floating point the stream's mean is zero only up to
+rounding, so outputs agree to ~1e-6 relative (fp32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.fx import GraphModule, Node
+
+from normrewrite.graph import (
+    TensorUsage,
+    add_parameter,
+    erase_unused,
+    flavour,
+    get_tensor,
+    node_label,
+)
+from normrewrite.ops import NormInfo, norm_info
+from normrewrite.pass_infra import Change, Pass, PassContext, PassResult, Skip, compute_tensors
+from normrewrite.residual_stream import ResidualStream, StreamWriter, residual_streams
+
+from .fold_norm_affine import AffineFold, fold_into_layers
+from .fold_norm_affine import match as match_affine
+
+aten = torch.ops.aten
+
+# --------------------------------------------------------------------------- tensor math
+
+
+def centre(t: Tensor, dim: int) -> Tensor:
+    """``t`` minus its mean along ``dim`` (computed in float64)."""
+    dt = torch.float64 if t.device.type in ("cpu", "meta", "cuda") else torch.float32
+    w = t.to(dt)
+    return (w - w.mean(dim, keepdim=True)).to(t.dtype)
+
+
+# --------------------------------------------------------------------------- matcher
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    stream: ResidualStream
+    untie: tuple[str, ...]  # FQNs to give their own copy first (tied embeddings)
+
+
+@dataclass(frozen=True)
+class NoMatch:
+    labels: tuple[str, ...]
+    reason: str
+
+
+def plan(gm: GraphModule, stream: ResidualStream, usage: TensorUsage, untie: bool) -> StreamPlan | NoMatch:
+    labels = tuple(node_label(n) for n in stream.readers)
+    if stream.problems:
+        more = f" (and {len(stream.problems) - 1} more)" if len(stream.problems) > 1 else ""
+        return NoMatch(labels, stream.problems[0] + more)
+    if not stream.writers:
+        return NoMatch(labels, "no writer of the stream found")
+    reads_inside: dict[str, int] = {}
+    for w in stream.writers:
+        for fqn, _ in w.tensors:
+            reads_inside[fqn] = reads_inside.get(fqn, 0) + 1
+    to_untie: list[str] = []
+    for w in stream.writers:
+        for fqn, _ in w.tensors:
+            shared = usage.count(fqn) > reads_inside[fqn] or len(usage.aliases.get(fqn, ())) > 1
+            if not shared:
+                continue
+            if untie and w.kind in ("embedding", "constant") and w.node.op != "call_module":
+                to_untie.append(fqn)
+                continue
+            hint = " (ln-to-rmsnorm:untie=true gives it its own copy)" if w.kind in ("embedding", "constant") else ""
+            return NoMatch(labels, f"{fqn}, written into the stream by {w.label}, is also read elsewhere "
+                                   f"(a tied output head?){hint}")
+    return StreamPlan(stream, tuple(dict.fromkeys(to_untie)))
+
+
+# --------------------------------------------------------------------------- rewrite
+
+
+def _untie(gm: GraphModule, ctx: PassContext, fqn: str, writers: tuple[StreamWriter, ...]) -> dict[str, str]:
+    """Give the stream's readers of ``fqn`` a private copy; returns {old: new}."""
+    owner, _, name = fqn.rpartition(".")
+    new = add_parameter(gm, owner, f"{name}_centred", get_tensor(gm, fqn))
+    compute_tensors(gm, ctx, [new], [fqn], lambda t: (t.clone(),), origin="ln-to-rmsnorm")
+    for w in writers:
+        for arg in w.node.all_input_nodes:
+            if arg.op == "get_attr" and str(arg.target) == fqn:
+                with gm.graph.inserting_before(w.node):
+                    getter = gm.graph.get_attr(new)
+                getter.meta = dict(arg.meta)
+                w.node.replace_input_with(arg, getter)
+        if w.node.op == "get_attr" and str(w.node.target) == fqn:
+            w.node.target = new
+    return {fqn: new}
+
+
+def recentre(gm: GraphModule, ctx: PassContext, p: StreamPlan) -> int:
+    """Centre every writer's tensors along the feature dim; returns how many tensors changed."""
+    renamed: dict[str, str] = {}
+    for fqn in p.untie:
+        renamed |= _untie(gm, ctx, fqn, p.stream.writers)
+    done: set[str] = set()
+    for w in p.stream.writers:
+        for fqn, dim in w.tensors:
+            fqn = renamed.get(fqn, fqn)
+            if fqn in done:
+                continue
+            done.add(fqn)
+            compute_tensors(gm, ctx, [fqn], [fqn], lambda t, d=dim: (centre(t, d),), origin="ln-to-rmsnorm")
+    return len(done)
+
+
+def to_rmsnorm(gm: GraphModule, info: NormInfo) -> Node:
+    """Replace the LayerNorm by ``rms_norm(x; γ, ε) [+ β]`` (same eps); returns the new output."""
+    node = info.op_node or info.node
+    features = list(info.normalized_shape or ())
+    eps = info.eps if info.eps is not None else 1e-5
+    aten_graph = flavour(gm) == "aten"
+    with gm.graph.inserting_before(node):
+        weight = gm.graph.get_attr(info.weight) if info.weight else None
+        bias = gm.graph.get_attr(info.bias) if info.bias else None
+        if aten_graph:
+            out = gm.graph.call_function(aten.rms_norm.default, (info.input, features, weight, eps))
+        else:
+            out = gm.graph.call_function(F.rms_norm, (info.input, tuple(features), weight, eps))
+        out.meta = dict(info.node.meta)
+        if bias is not None:
+            out = gm.graph.call_function(aten.add.Tensor if aten_graph else torch.add, (out, bias))
+            out.meta = dict(info.node.meta)
+    for g in (weight, bias):
+        if g is not None:
+            g.meta["val"] = get_tensor(gm, str(g.target))
+    info.node.replace_all_uses_with(out)
+    erase_unused(gm, [info.node, node])
+    return out
+
+
+def _unit_weight(gm: GraphModule, ctx: PassContext, info: NormInfo) -> str:
+    """A new stored γ of ones beside the norm's old γ (or its input's dtype/shape)."""
+    features = (info.normalized_shape or (0,))[0]
+    ref = info.weight or info.bias
+    assert ref is not None  # fold only runs on norms with γ or β
+    owner, _, _ = ref.rpartition(".")
+    fqn = add_parameter(gm, owner, "unit_weight", get_tensor(gm, ref).new_ones(features))
+    compute_tensors(gm, ctx, [fqn], [ref], lambda t, n=features: (t.new_ones(n),), origin="ln-to-rmsnorm")
+    return fqn
+
+
+# --------------------------------------------------------------------------- pass
+
+
+@dataclass(frozen=True)
+class LnToRmsNormOptions:
+    fold: bool = True
+    """Fold γ/β into the linear layers reading each norm where all its readers are linear."""
+    untie: bool = False
+    """Give a tied embedding (shared with an output head) its own re-centred copy."""
+    unit_weight: bool = False
+    """Where γ was folded, give the RMSNorm a stored γ of ones instead of none: the ONNX exporter
+    writes a missing RMSNormalization scale as a ConstantOfShape that onnxruntime recomputes on
+    every run (≈8× slower per norm, see bench/results/norms.md)."""
+
+
+class LnToRmsNorm(Pass):
+    name = "ln-to-rmsnorm"
+    summary = "LayerNorm → RMSNorm in Pre-LN transformers, exact by re-centring the residual stream"
+    exact = True
+    Options = LnToRmsNormOptions
+
+    def call(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        changes: list[Change] = []
+        skipped: list[Skip] = []
+        for stream in residual_streams(gm):
+            found = plan(gm, stream, TensorUsage.of(gm), self.options.untie)
+            if isinstance(found, NoMatch):
+                skipped += [Skip(label, found.reason) for label in found.labels]
+                continue
+            n = recentre(gm, ctx, found)
+            writers = ", ".join(w.label for w in stream.writers)
+            untied = f"; untied {', '.join(found.untie)}" if found.untie else ""
+            changes.append(Change(writers, f"re-centred {n} tensors of {len(stream.writers)} stream writers{untied}"))
+            for ln in stream.readers:
+                info = norm_info(gm, ln)
+                assert info is not None
+                label, folded = info.label, ""
+                if self.options.fold:
+                    m = match_affine(gm, ln, TensorUsage.of(gm))
+                    if isinstance(m, AffineFold):
+                        fold_into_layers(gm, ctx, m.layers, info.weight, info.bias, "ln-to-rmsnorm")
+                        folded = f"; γ/β folded into {', '.join(d.label for d in m.layers)}"
+                        ones = _unit_weight(gm, ctx, info) if self.options.unit_weight else None
+                        info = NormInfo(**{**info.__dict__, "weight": ones, "bias": None,
+                                           "has_weight": ones is not None, "has_bias": False})
+                to_rmsnorm(gm, info)
+                kept = " + β" if info.bias else ""
+                changes.append(Change(label, f"LayerNorm → RMSNorm{kept} (eps={info.eps:g}){folded}"))
+        if changes:
+            gm.recompile()
+        return PassResult(gm, bool(changes), changes, skipped)
+
+    def explain(self, gm: GraphModule, ctx: PassContext) -> dict[str, str]:
+        out: dict[str, str] = {}
+        usage = TensorUsage.of(gm)
+        for stream in residual_streams(gm):
+            found = plan(gm, stream, usage, self.options.untie)
+            for ln in stream.readers:
+                out[ln.name] = (f"not convertible: {found.reason}" if isinstance(found, NoMatch)
+                                else f"convertible: stream written by {len(stream.writers)} ops")
+        return out
+
+
+__all__ = ["LnToRmsNorm", "NoMatch", "StreamPlan", "centre", "plan", "recentre", "to_rmsnorm"]

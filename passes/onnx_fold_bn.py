@@ -1,0 +1,363 @@
+"""fold-bn on ONNX models: fold ``BatchNormalization`` into ``Conv``, ``ConvTranspose``, ``Gemm``
+and ``MatMul`` (+ ``Add``).
+
+The identity and the tensor math are those of :mod:`passes.fold_bn` (``bn_affine``,
+``fold_output``, ``fold_input``), applied to the ONNX weight layouts:
+
+* ``Conv`` W ``(C_out, C_in/g, k…)``; ``ConvTranspose`` W ``(C_in, C_out/g, k…)`` (``group``);
+* ``Gemm`` ``Y = α·A·op(B) + β·C``: the fold scales op(B)'s output columns and sets
+  ``C' = s·C + t/β``;
+* ``MatMul`` ``Y = X·B`` (+ ``Add`` of a constant): ``B`` is ``(K, N)``, the transposed Linear weight.
+
+Output side (layer → BN) and input side (BN → layer, only ``Conv`` without zero padding and
+rank-2 ``Gemm``/``MatMul``). Preconditions, as in the torch pass, each reported when it fails:
+``training_mode`` 0 and only the ``Y`` output used; statistics, γ, β constant; the layer's weights
+are initializers read by this node only (not shared, not graph inputs); exactly one consumer
+between the two; the BN channel axis (dim 1) is the layer's channel axis (rank-2 outputs for
+Gemm/MatMul); no zero padding on an input-side conv.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from normrewrite.onnx_io import (
+    OnnxContext,
+    OnnxPass,
+    OnnxPassResult,
+    add_initializer,
+    const_array,
+    infer_shapes,
+    is_graph_output,
+    private_initializer,
+    set_initializer,
+)
+from normrewrite.pass_infra import Change, Skip
+
+from .fold_bn import FoldBatchNormOptions, bn_affine, fold_input, fold_output
+
+
+@dataclass(frozen=True)
+class OnnxFoldMatch:
+    bn: ir.Node
+    layer: ir.Node
+    side: Literal["output", "input"]
+    add: ir.Node | None = None  # the bias Add after a MatMul (output side)
+
+    def describe(self) -> str:
+        where = "after" if self.side == "output" else "before"
+        return f"folded into {self.layer.op_type} {self.layer.name} (BN {where} it)"
+
+
+def _attr(node: ir.Node, name: str, default: object) -> object:
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def _rank(v: ir.Value) -> int | None:
+    return None if v.shape is None else len(v.shape)
+
+
+def _single_consumer(graph: ir.Graph, v: ir.Value) -> ir.Node | None:
+    users = v.uses()
+    if len(users) != 1 or is_graph_output(graph, v):
+        return None
+    return users[0].node
+
+
+def match(graph: ir.Graph, bn: ir.Node) -> OnnxFoldMatch | str:
+    """The fold to make for BatchNormalization ``bn``, or why there is none."""
+    if _attr(bn, "training_mode", 0):
+        return "training_mode=1: it normalizes with batch statistics"
+    if any(o.uses() or is_graph_output(graph, o) for o in bn.outputs[1:]):
+        return "its running-mean/var outputs are used"
+    if any(const_array(v) is None for v in bn.inputs[1:5]):
+        return "γ, β or the running statistics are not constants"
+    x = bn.inputs[0]
+    reasons = []
+    layer = x.producer() if x is not None else None
+    if layer is not None:
+        found = _output_side(graph, bn, layer)
+        if isinstance(found, OnnxFoldMatch):
+            return found
+        if found:
+            reasons.append(found)
+    consumer = _single_consumer(graph, bn.outputs[0])
+    if consumer is None:
+        out = bn.outputs[0]
+        reasons.append(
+            "its output is a graph output"
+            if is_graph_output(graph, out)
+            else f"its output has {len(out.uses())} consumers"
+        )
+    else:
+        found = _input_side(graph, bn, consumer)
+        if isinstance(found, OnnxFoldMatch):
+            return found
+        if found:
+            reasons.append(found)
+    return "; ".join(reasons) or "no Conv/ConvTranspose/Gemm/MatMul directly before or after it"
+
+
+def _weights(graph: ir.Graph, layer: ir.Node, idx: Sequence[int]) -> str | None:
+    for i in idx:
+        if i < len(layer.inputs) and layer.inputs[i] is not None:
+            why = private_initializer(graph, layer.inputs[i])
+            if why:
+                return f"{layer.op_type} {layer.name}: {why}"
+    return None
+
+
+def _output_side(graph: ir.Graph, bn: ir.Node, layer: ir.Node) -> OnnxFoldMatch | str | None:
+    op = layer.op_type
+    if op not in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add") or layer.domain not in (
+        "",
+        "ai.onnx",
+    ):
+        return None
+    add = None
+    if op == "Add":  # MatMul + bias Add
+        mm = next(
+            (
+                v.producer()
+                for v in layer.inputs
+                if v is not None and v.producer() is not None and v.producer().op_type == "MatMul"
+            ),
+            None,
+        )
+        if mm is None:
+            return None
+        add, layer, op = layer, mm, "MatMul"
+        if _single_consumer(graph, mm.outputs[0]) is not add:
+            return f"the MatMul {mm.name} output has other consumers than its bias Add"
+    out = (add or layer).outputs[0]
+    if _single_consumer(graph, out) is not bn:
+        return f"the output of {op} {layer.name} has other consumers than this BN"
+    if op in ("Gemm", "MatMul"):
+        if _rank(out) != 2:
+            return (
+                f"{op} {layer.name} output has rank {_rank(out)}: the BN normalizes dim 1, "
+                "not the output features (only rank-2 outputs fold)"
+            )
+        if op == "MatMul" and const_array(layer.inputs[1]) is None:
+            return f"the MatMul {layer.name} right operand is not a constant"
+    if op == "Gemm" and float(_attr(layer, "beta", 1.0)) == 0.0 and len(layer.inputs) > 2:
+        return f"Gemm {layer.name} has beta=0"
+    why = _weights(graph, layer, (1, 2))
+    if why is None and add is not None:
+        bias = next(v for v in add.inputs if v is not layer.outputs[0])
+        why = private_initializer(graph, bias)
+        if (
+            why is None
+            and const_array(bias).ndim > 1
+            and const_array(bias).shape[:-1] != (1,) * (const_array(bias).ndim - 1)
+        ):
+            why = f"the bias {bias.name} is not per output feature"
+    if why is None and op == "Gemm" and len(layer.inputs) > 2 and layer.inputs[2] is not None:
+        c = const_array(layer.inputs[2])
+        if c is not None and c.ndim == 2 and c.shape[0] != 1:
+            why = f"Gemm {layer.name}: C has a row dimension {c.shape}, not a per-feature bias"
+    if why:
+        return why
+    return OnnxFoldMatch(bn, layer, "output", add)
+
+
+def _input_side(graph: ir.Graph, bn: ir.Node, layer: ir.Node) -> OnnxFoldMatch | str | None:
+    op = layer.op_type
+    if (
+        op not in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+        or layer.inputs[0] is not bn.outputs[0]
+    ):
+        return None
+    if op == "ConvTranspose":
+        return f"BN before ConvTranspose {layer.name}: the shift does not fold exactly"
+    if op == "Conv":
+        pads = _attr(layer, "pads", None)
+        auto = _attr(layer, "auto_pad", "NOTSET")
+        if (pads is not None and any(pads)) or auto in ("SAME_UPPER", "SAME_LOWER"):
+            return (
+                f"BN before zero-padded Conv {layer.name}: not exact (the padding would be 0 "
+                "instead of the BN shift)"
+            )
+    else:
+        if _rank(bn.outputs[0]) != 2:
+            return f"BN output of rank {_rank(bn.outputs[0])} feeds {op} {layer.name}: its channels are not the input features"
+        if op == "Gemm" and _attr(layer, "transA", 0):
+            return f"Gemm {layer.name} has transA=1"
+        if op == "MatMul" and const_array(layer.inputs[1]) is None:
+            return f"the MatMul {layer.name} right operand is not a constant"
+    why = _weights(graph, layer, (1, 2))
+    return why or OnnxFoldMatch(bn, layer, "input")
+
+
+# --------------------------------------------------------------------------- rewrite
+
+
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def apply(graph: ir.Graph, m: OnnxFoldMatch) -> None:
+    """Rewrite the layer's initializers with the folded values and remove the BN.
+
+    Every layer is brought to torch's layout — effective weight ``α·W`` as ``(N, K)`` for
+    Gemm/MatMul, effective bias ``β·C`` — folded with :mod:`passes.fold_bn`'s math, and mapped back."""
+    bn, layer = m.bn, m.layer
+    gamma, beta, mean, var = (_t(const_array(v)) for v in bn.inputs[1:5])
+    scale, shift = bn_affine(mean, var, gamma, beta, float(_attr(bn, "epsilon", 1e-5)))
+    op = layer.op_type
+    w_val = layer.inputs[1]
+    w = _t(const_array(w_val))
+    linear_t = op == "MatMul" or (op == "Gemm" and not _attr(layer, "transB", 0))
+    alpha = float(_attr(layer, "alpha", 1.0)) if op == "Gemm" else 1.0
+    beta_g = float(_attr(layer, "beta", 1.0)) if op == "Gemm" else 1.0
+    w = (w.T if linear_t else w).double() * alpha
+    if op == "MatMul":
+        bias_val = (
+            next((v for v in m.add.inputs if v is not layer.outputs[0]), None) if m.add else None
+        )
+    else:
+        bias_val = layer.inputs[2] if len(layer.inputs) > 2 else None
+    bias = None if bias_val is None else _t(const_array(bias_val)).double().reshape(-1) * beta_g
+    c_out = w.shape[1] * int(_attr(layer, "group", 1)) if op == "ConvTranspose" else w.shape[0]
+    if bias is not None and bias.numel() == 1:
+        bias = bias.expand(c_out).clone()
+    groups = int(_attr(layer, "group", 1))
+    if m.side == "output":
+        new_w, new_b = fold_output(
+            w, bias, scale, shift, transposed=op == "ConvTranspose", groups=groups
+        )
+    else:
+        new_w, new_b = fold_input(w, bias, scale, shift, groups=groups)
+    dtype = const_array(w_val).dtype
+    new_w = new_w / alpha
+    new_b = new_b / beta_g
+    set_initializer(w_val, (new_w.T if linear_t else new_w).contiguous().numpy().astype(dtype))
+    b_np = new_b.contiguous().numpy().astype(dtype)
+    if bias_val is not None:
+        old = const_array(bias_val)
+        shape = (
+            old.shape
+            if old.size == b_np.size
+            else (1,) * (old.ndim - 1) + b_np.shape
+            if old.ndim
+            else b_np.shape
+        )
+        set_initializer(bias_val, b_np.reshape(shape))
+        out = (m.add or layer).outputs[0]
+    elif op == "MatMul":  # a MatMul without bias gets an Add
+        b_init = add_initializer(graph, f"{w_val.name}_bias", b_np)
+        add = ir.node("Add", [None, b_init], name=f"{layer.name}_bias")
+        graph.insert_after(layer, add)
+        layer.outputs[0].replace_all_uses_with(add.outputs[0])
+        add.replace_input_with(0, layer.outputs[0])
+        out = add.outputs[0]
+    else:  # Conv / ConvTranspose / Gemm without bias: add the optional input
+        b_init = add_initializer(graph, f"{w_val.name}_bias", b_np)
+        layer.resize_inputs(3)
+        layer.replace_input_with(2, b_init)
+        out = layer.outputs[0]
+    if m.side == "output":
+        _bypass(graph, bn, out)
+    else:
+        layer.replace_input_with(0, bn.inputs[0])
+        _drop(graph, bn)
+
+
+def _bypass(graph: ir.Graph, bn: ir.Node, new: ir.Value) -> None:
+    """Replace the BN's output by ``new`` (keeping a graph output's name) and remove the BN."""
+    old = bn.outputs[0]
+    if is_graph_output(graph, old):
+        name = old.name
+        ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+        old.name = None
+        new.name = name
+    else:
+        old.replace_all_uses_with(new)
+    _drop(graph, bn)
+
+
+def _drop(graph: ir.Graph, bn: ir.Node) -> None:
+    """Remove ``bn`` (its output must be unused) and the initializers only it read."""
+    bn_inputs = list(bn.inputs)
+    for i in range(len(bn.inputs)):
+        bn.replace_input_with(i, None)
+    graph.remove(bn, safe=True)
+    for v in bn_inputs[1:]:
+        if v is not None and v.name in graph.initializers and not v.uses():
+            graph.initializers.pop(v.name)
+
+
+def _fold_constants(model: ir.Model) -> list[str]:
+    """Constant-fold first (onnxscript's optimizer), so biases and weights computed from
+    constants (``Expand(Shape(W))`` zero biases of unoptimized exports) become initializers."""
+    import onnxscript.optimizer
+
+    before = sum(1 for _ in model.graph)
+    onnxscript.optimizer.fold_constants(model)
+    onnxscript.optimizer.remove_unused_nodes(model)
+    infer_shapes(model)  # ranks decide which folds are exact
+    after = sum(1 for _ in model.graph)
+    return [f"constant folding removed {before - after} nodes"] if after < before else []
+
+
+class OnnxFoldBatchNorm(OnnxPass):
+    name = "fold-bn"
+    summary = (
+        "fold BatchNormalization into the adjacent Conv/ConvTranspose/Gemm/MatMul weights (exact)"
+    )
+    exact = True
+    Options = FoldBatchNormOptions
+
+    def validate_options(self) -> None:
+        if self.options.shared != "skip":
+            from normrewrite.errors import UsageError
+
+            raise UsageError(
+                "pass fold-bn on ONNX models: shared=clone is not supported (weights are never cloned)"
+            )
+
+    def call(self, model: ir.Model, ctx: OnnxContext) -> OnnxPassResult:
+        graph = model.graph
+        changes, skipped = [], []
+        notes = _fold_constants(model)
+        for node in list(graph):
+            if (
+                node.graph is None
+                or node.op_type != "BatchNormalization"
+                or node.domain not in ("", "ai.onnx")
+            ):
+                continue
+            label = node.name or node.outputs[0].name
+            found = match(graph, node)
+            if isinstance(found, str):
+                skipped.append(Skip(label, found))
+                continue
+            text = found.describe()
+            apply(graph, found)
+            changes.append(Change(label, text))
+        return OnnxPassResult(model, bool(changes), changes, skipped, notes if changes else [])
+
+    def explain(self, model: ir.Model, ctx: OnnxContext) -> dict[str, str]:  # type: ignore[override]
+        """What :meth:`call` would do, judged on a constant-folded copy (``model`` is untouched)."""
+        model = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        _fold_constants(model)
+        out = {}
+        for node in model.graph:
+            if node.op_type == "BatchNormalization":
+                found = match(model.graph, node)
+                out[node.name] = (
+                    f"foldable into {found.layer.op_type} {found.layer.name} ({found.side} side)"
+                    if isinstance(found, OnnxFoldMatch)
+                    else f"not foldable: {found}"
+                )
+        return out
+
+
+__all__ = ["OnnxFoldBatchNorm", "OnnxFoldMatch", "apply", "match"]
