@@ -1,0 +1,211 @@
+"""ln-to-rmsnorm: exact LayerNorm → RMSNorm in Pre-LN transformers by re-centring the stream."""
+
+from __future__ import annotations
+
+import copy
+
+import models
+import pytest
+import torch
+from normrewrite.passes.ln_to_rmsnorm import LnToRmsNorm
+from torch import nn
+
+from normrewrite.graph import get_tensor
+from normrewrite.ops import norms
+from normrewrite.residual_stream import residual_streams
+from normrewrite.trace import trace
+from normrewrite.verify import compare, tensor_leaves
+
+aten = torch.ops.aten
+
+
+def neox(layers: int = 2, hidden: int = 32, seed: int = 0) -> nn.Module:
+    """GPT-NeoX with the parallel residual: x + attn(LN1(x)) + mlp(LN2(x))."""
+    import transformers as t
+
+    torch.manual_seed(seed)
+    cfg = t.GPTNeoXConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=layers,
+                          num_attention_heads=2, intermediate_size=hidden * 2,
+                          max_position_embeddings=64, use_parallel_residual=True, use_cache=False,
+                          tie_word_embeddings=False)
+    return models.randomize_norms(t.GPTNeoXModel(cfg), seed).eval()
+
+
+def gpt2_lm(seed: int = 0) -> nn.Module:
+    """GPT-2 with its output head tied to the token embedding."""
+    import transformers as t
+
+    torch.manual_seed(seed)
+    cfg = t.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64, use_cache=False)
+    model = models.randomize_norms(t.GPT2LMHeadModel(cfg), seed).eval()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    return model
+
+
+class PreLN(nn.Module):
+    """A hand-written Pre-LN block stack, for the symbolic_trace flavour."""
+
+    def __init__(self, d: int = 16, layers: int = 2) -> None:
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(50, d), nn.Parameter(torch.randn(1, 8, d))
+        self.lns = nn.ModuleList(nn.LayerNorm(d) for _ in range(layers))
+        self.up = nn.ModuleList(nn.Linear(d, 2 * d) for _ in range(layers))
+        self.down = nn.ModuleList(nn.Linear(2 * d, d) for _ in range(layers))
+        self.final = nn.LayerNorm(d, eps=1e-6)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids) + self.pos
+        for ln, up, down in zip(self.lns, self.up, self.down, strict=True):
+            h = h + down(torch.relu(up(ln(h))))
+        return self.final(h)
+
+
+CASES = {
+    "gpt2": (models.gpt2, models.token_ids),
+    "vit": (models.vit, models.pixels),
+    "neox": (neox, models.token_ids),
+}
+
+
+def _ref64(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return tensor_leaves(copy.deepcopy(model).double()(x.double() if x.is_floating_point() else x))
+
+
+def _targets(gm: torch.fx.GraphModule, *targets: object) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in targets]
+
+
+def _naive_swap(gm: torch.fx.GraphModule) -> None:
+    """The negative control: every LayerNorm → RMSNorm(γ) + β, without re-centring."""
+    for info in norms(gm):
+        if info.kind != "layernorm":
+            continue
+        node = info.node
+        with gm.graph.inserting_after(node):
+            rms = gm.graph.call_function(aten.rms_norm.default, (info.input, list(info.normalized_shape),
+                                                                 node.args[2], info.eps))
+        with gm.graph.inserting_after(rms):
+            out = gm.graph.call_function(aten.add.Tensor, (rms, node.args[3]))
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+    gm.recompile()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_real_models_exact(name: str) -> None:
+    build, inputs = CASES[name]
+    model, x = build(), inputs()
+    ref = _ref64(model, x)
+    gm = trace(model, (x,), "export").graph_module
+    n_ln = len(_targets(gm, aten.layer_norm.default))
+    result = LnToRmsNorm()(gm)
+    assert result.modified and not result.skipped
+    assert _targets(gm, aten.layer_norm.default) == []  # no LayerNorm left
+    rms = _targets(gm, aten.rms_norm.default)
+    assert len(rms) == n_ln == len(result.changes) - 1  # one RMSNorm per LN (+ the writers change)
+    # γ/β folded everywhere but in the final norm, which keeps γ and adds β
+    assert [n.args[2] is not None for n in rms] == [False] * (n_ln - 1) + [True]
+    assert compare(ref, tensor_leaves(gm(x))).max_rel_err <= 1e-5
+    assert not LnToRmsNorm()(gm).modified  # idempotent
+
+
+def test_writers_are_centred() -> None:
+    model, ids = models.gpt2(), models.token_ids()
+    gm = trace(model, (ids,), "export").graph_module
+    (stream,) = residual_streams(gm)
+    assert [w.kind for w in stream.writers] == ["embedding", "embedding"] + ["linear"] * 4
+    assert len(stream.readers) == 5
+    LnToRmsNorm()(gm)
+    for fqn, dim in [("wte.weight", 1), ("wpe.weight", 1), ("h.0.attn.c_proj.weight", 1),
+                     ("h.0.attn.c_proj.bias", 0)]:
+        t = get_tensor(gm, fqn)
+        assert t.mean(dim).abs().max() < 1e-6
+        if fqn.endswith("weight"):  # the original is untouched (its biases start at zero)
+            assert get_tensor(model, fqn).mean(dim).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_negative_control_naive_swap_is_not_exact(name: str) -> None:
+    build, inputs = CASES[name]
+    model, x = build(), inputs()
+    gm = trace(model, (x,), "export").graph_module
+    _naive_swap(gm)
+    assert _targets(gm, aten.layer_norm.default) == []
+    err = compare(_ref64(model, x), tensor_leaves(gm(x)))
+    assert err.max_rel_err > 1e-2, err  # far outside the 1e-4 an exact rewrite must meet
+
+
+def test_post_ln_refused_embedding_ln_converted() -> None:
+    model, ids = models.bert(), models.token_ids()
+    ref = _ref64(model, ids)
+    gm = trace(model, (ids,), "export").graph_module
+    result = LnToRmsNorm()(gm)
+    assert [c.target for c in result.changes][1:] == ["embeddings.LayerNorm"]
+    assert len(result.skipped) == 4 and all("Post-LN" in s.reason for s in result.skipped)
+    assert len(_targets(gm, aten.layer_norm.default)) == 4
+    assert compare(ref, tensor_leaves(gm(ids))).max_rel_err <= 1e-5
+
+
+def test_raw_stream_output_refused() -> None:
+    model, ids = models.gpt2(), models.token_ids()
+    model.config.output_hidden_states = True
+    gm = trace(model, (ids,), "export").graph_module
+    result = LnToRmsNorm()(gm)
+    assert not result.modified
+    assert all("model output" in s.reason for s in result.skipped)
+
+
+def test_tied_head_refused_or_untied() -> None:
+    model, ids = gpt2_lm(), models.token_ids()
+    gm = trace(model, (ids,), "export").graph_module
+    result = LnToRmsNorm()(gm)
+    assert not result.modified and "tied output head" in result.skipped[0].reason
+    assert "untie=true" in result.skipped[0].reason
+    result = LnToRmsNorm(untie=True)(gm)
+    assert result.modified and "untied" in result.changes[0].detail
+    assert _targets(gm, aten.layer_norm.default) == []
+    assert compare(_ref64(model, ids), tensor_leaves(gm(ids))).max_rel_err <= 1e-5
+
+
+def test_fold_off_keeps_gamma_and_beta() -> None:
+    model, ids = models.gpt2(), models.token_ids()
+    gm = trace(model, (ids,), "export").graph_module
+    LnToRmsNorm(fold=False)(gm)
+    rms = _targets(gm, aten.rms_norm.default)
+    assert len(rms) == 5 and all(n.args[2] is not None for n in rms)
+    assert all(next(iter(n.users)).target is aten.add.Tensor for n in rms)  # + β
+    assert compare(_ref64(model, ids), tensor_leaves(gm(ids))).max_rel_err <= 1e-5
+
+
+def test_symbolic_trace_flavour() -> None:
+    model = models.randomize_norms(PreLN()).eval()
+    ids = models.token_ids(batch=2, seq=8, vocab=50)
+    gm = trace(model, (ids,), "fx").graph_module
+    result = LnToRmsNorm()(gm)
+    assert result.modified and not result.skipped
+    called = [gm.get_submodule(str(n.target)) for n in gm.graph.nodes if n.op == "call_module"]
+    assert called and not any(isinstance(m, nn.LayerNorm) for m in called)  # no LayerNorm call left
+    rms = _targets(gm, torch.nn.functional.rms_norm)
+    assert len(rms) == 3 and rms[-1].args[3] == 1e-6  # eps kept
+    assert compare(_ref64(model, ids), [gm(ids)]).max_rel_err <= 1e-5
+
+
+@pytest.mark.parametrize("unit_weight", [False, True])
+def test_onnx_rmsnormalization(tmp_path, unit_weight: bool) -> None:
+    from normrewrite.emit import export_program, onnx_outputs, to_onnx
+
+    model, ids = models.gpt2(), models.token_ids()
+    gm = trace(model, (ids,), "export").graph_module
+    LnToRmsNorm(unit_weight=unit_weight)(gm)
+    rms = _targets(gm, aten.rms_norm.default)
+    assert all(n.args[2] is not None for n in rms) == unit_weight
+    program = to_onnx(export_program(gm, (ids,)), opset=23)
+    path = tmp_path / "m.onnx"
+    program.save(str(path))
+    types = [n.op_type for n in program.model_proto.graph.node]
+    assert types.count("RMSNormalization") == 5 and "LayerNormalization" not in types
+    # a missing scale is exported as a ConstantOfShape (recomputed per run); ones avoid it
+    assert ("ConstantOfShape" in types) != unit_weight
+    outs = [torch.from_numpy(o) for o in onnx_outputs(path, (ids,))]
+    assert compare(_ref64(model, ids), outs).max_rel_err <= 1e-4

@@ -1,0 +1,216 @@
+"""Loading models from what a user hands the CLI: factories (file and package), Hugging Face
+``save_pretrained`` directories (offline; default inputs from the config), ``.pt2`` programs; and
+the refusals (``.onnx`` not yet, pickles, remote code, missing or corrupt files)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from normrewrite.errors import LoadError
+from normrewrite.inputs import InputSpec
+from normrewrite.load import load
+
+FACTORY = """
+import torch
+from torch import nn
+
+def pair():
+    return nn.Linear(4, 2), torch.ones(3, 4)
+
+def module_only():
+    return nn.Linear(4, 2)
+
+def raises():
+    raise ValueError("no weights here")
+"""
+
+
+@pytest.fixture
+def factory_file(tmp_path: Path) -> Path:
+    f = tmp_path / "factories.py"
+    f.write_text(textwrap.dedent(FACTORY))
+    return f
+
+
+def test_file_factory_pair(factory_file: Path) -> None:
+    m = load(f"{factory_file}:pair")
+    assert isinstance(m.module, nn.Linear) and m.source == "factory" and m.input_origin == "factory"
+    assert len(m.example_inputs) == 1 and torch.equal(m.example_inputs[0], torch.ones(3, 4))
+
+
+def test_file_factory_with_given_inputs(factory_file: Path) -> None:
+    m = load(f"{factory_file}:module_only", [InputSpec((5, 4))])
+    assert m.input_origin == "given" and m.example_inputs[0].shape == (5, 4)
+    # --input overrides the factory's own inputs
+    assert load(f"{factory_file}:pair", [InputSpec((2, 4))]).example_inputs[0].shape == (2, 4)
+
+
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        ("{f}:module_only", "gave no example inputs; pass --input"),
+        ("{f}:raises", "factory .* raised ValueError: no weights here"),
+        ("{f}:missing", "has no attribute 'missing'"),
+        ("{f}:1bad", "bad factory reference"),
+        ("{d}/nope.py:build", "no such file"),
+        ("no_such_pkg_xyz.models:build", "cannot import module 'no_such_pkg_xyz.models'"),
+    ],
+)
+def test_factory_errors(ref: str, message: str, factory_file: Path) -> None:
+    with pytest.raises(LoadError, match=message):
+        load(ref.format(f=factory_file, d=factory_file.parent))
+
+
+def test_package_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pkg = tmp_path / "mypkg_nr_test"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "models.py").write_text(textwrap.dedent(FACTORY))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    m = load("mypkg_nr_test.models:pair")
+    assert isinstance(m.module, nn.Linear) and m.description == "mypkg_nr_test.models:pair"
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from models import bert, resnet
+
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for name, model in (
+        ("resnet", resnet(depths=(1, 1), hidden=(8, 16))),
+        ("bert", bert(layers=1)),
+    ):
+        model.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+def test_hf_vision_default_input_from_config(hf_dirs: dict[str, Path]) -> None:
+    m = load(hf_dirs["resnet"])
+    assert m.source == "hf" and m.input_origin == "config" and "ResNetModel" in m.description
+    [x] = m.example_inputs
+    assert x.shape == (1, 3, 224, 224) and x.dtype == torch.float32
+    assert not m.module.training
+
+
+def test_hf_text_default_input_is_token_ids_below_vocab(hf_dirs: dict[str, Path]) -> None:
+    m = load(hf_dirs["bert"])
+    [ids] = m.example_inputs
+    assert ids.dtype == torch.int64 and ids.shape == (1, 16) and int(ids.max()) < 100
+    given = load(hf_dirs["bert"], [InputSpec((2, 40), torch.int64)])
+    assert given.example_inputs[0].shape == (2, 40) and int(given.example_inputs[0].max()) < 100
+
+
+def test_hf_loaded_weights_are_the_saved_ones(hf_dirs: dict[str, Path]) -> None:
+    from models import resnet
+
+    saved = resnet(depths=(1, 1), hidden=(8, 16)).state_dict()
+    loaded = load(hf_dirs["resnet"]).module.state_dict()
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+
+
+def _hf_copy(
+    src: Path, dst: Path, *, config: dict | None = None, drop: tuple[str, ...] = ()
+) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name not in drop:
+            (dst / f.name).write_bytes(f.read_bytes())
+    if config is not None:
+        (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("auto_map", "refusing to run it without --trust-remote-code"),
+        ("unknown_arch", "has no class 'NoSuchModelXyz'"),
+        ("no_arch", "no 'architectures' entry"),
+        ("not_object", "expected a JSON object"),
+        ("no_weights", "no model.safetensors weights"),
+        ("pickled_weights", "refusing to unpickle"),
+        ("no_config", "needs a config.json"),
+    ],
+)
+def test_hf_refusals(change: str, message: str, hf_dirs: dict[str, Path], tmp_path: Path) -> None:
+    src = hf_dirs["resnet"]
+    cfg = json.loads((src / "config.json").read_text())
+    d = tmp_path / "m"
+    if change == "auto_map":
+        _hf_copy(src, d, config={**cfg, "auto_map": {"AutoModel": "modeling.Model"}})
+    elif change == "unknown_arch":
+        _hf_copy(src, d, config={**cfg, "architectures": ["NoSuchModelXyz"]})
+    elif change == "no_arch":
+        _hf_copy(src, d, config={k: v for k, v in cfg.items() if k != "architectures"})
+    elif change == "not_object":
+        _hf_copy(src, d, drop=("config.json",))
+        (d / "config.json").write_text("[1, 2]")
+    elif change == "no_weights":
+        _hf_copy(src, d, drop=("model.safetensors",))
+    elif change == "pickled_weights":
+        _hf_copy(src, d, drop=("model.safetensors",))
+        (d / "pytorch_model.bin").write_bytes(b"\x80\x04junk")
+    else:
+        _hf_copy(src, d, drop=("config.json",))
+    with pytest.raises(LoadError, match=message):
+        load(d)
+
+
+# --------------------------------------------------------------------------- .pt2 and refusals
+
+
+def test_pt2_program_with_its_stored_inputs(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    path = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(model, (x,), strict=False), str(path))
+    m = load(path)
+    assert m.source == "pt2" and m.exported is not None and m.input_origin == "program"
+    assert torch.equal(m.example_inputs[0], x)
+    with torch.no_grad():
+        torch.testing.assert_close(m.module(x), model(x))
+    given = load(path, [InputSpec((2, 3, 6, 6))])
+    assert given.input_origin == "given" and not torch.equal(given.example_inputs[0], x)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("m.pt2", b"garbage", "not a torch.export program"),
+        ("m.pt", b"\x80\x04junk", "refusing to unpickle a .pt file"),
+        ("m.pth", b"\x80\x04junk", "refusing to unpickle"),
+        ("m.bin", b"\x80\x04junk", "refusing to unpickle"),
+        ("m.txt", b"hello", "unrecognised model file"),
+    ],
+)
+def test_file_refusals(name: str, content: bytes, message: str, tmp_path: Path) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(LoadError, match=message):
+        load(path)
+    assert path.read_bytes() == content
+
+
+def test_onnx_input_is_refused_clearly_or_loaded(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"\x08\x07")
+    with pytest.raises(LoadError, match=r"m\.onnx"):
+        load(path)
+
+
+@pytest.mark.parametrize("name", ["gone.pt2", "gone.onnx", "gone.pt", "gone"])
+def test_missing_files(name: str, tmp_path: Path) -> None:
+    with pytest.raises(LoadError, match="no such"):
+        load(tmp_path / name)

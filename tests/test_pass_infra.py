@@ -1,0 +1,287 @@
+"""Pass infrastructure: options from strings, the pre/post-condition protocol, the manager, the
+tensor-recipe log (replayable on real weights after a pass ran on ``meta`` tensors), and the
+library API (``normrewrite.convert``; every pass callable on a GraphModule)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+import torch
+from models import randomize_norms
+from normrewrite.passes import FoldBatchNorm
+from torch import nn
+from torch.fx import GraphModule
+
+import normrewrite
+from normrewrite.errors import PassError, UsageError
+from normrewrite.graph import get_tensor
+from normrewrite.pass_infra import (
+    Change,
+    Pass,
+    PassContext,
+    PassManager,
+    PassResult,
+    compute_tensors,
+    parse_pass_spec,
+)
+from normrewrite.trace import trace
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class _Opts:
+    count: int = 1
+    scale: float = 1.0
+    enabled: bool = True
+    mode: Literal["a", "b"] = "a"
+    limit: int | None = None
+
+
+class _OptPass(Pass):
+    name = "opt-pass"
+    summary = "test pass with typed options"
+    Options = _Opts
+
+    def call(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        return PassResult(gm, False)
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("fold-bn", ("fold-bn", {})),
+        ("fold-bn:", ("fold-bn", {})),
+        ("x:a=1,b=two", ("x", {"a": "1", "b": "two"})),
+        (" x : a = 1 , b=2 ", ("x", {"a": "1", "b": "2"})),
+    ],
+)
+def test_parse_pass_spec(spec: str, expected: tuple[str, dict[str, str]]) -> None:
+    assert parse_pass_spec(spec) == expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [(":a=1", "empty pass name"), ("x:a", "is not key=value"), ("x:=1", "is not key=value")],
+)
+def test_parse_pass_spec_errors(spec: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        parse_pass_spec(spec)
+
+
+def test_options_are_converted_to_their_declared_types() -> None:
+    p = _OptPass.from_strings(
+        {"count": "3", "scale": "0.5", "enabled": "off", "mode": "b", "limit": "none"}
+    )
+    assert p.options == _Opts(3, 0.5, False, "b", None)
+    assert _OptPass.from_strings({"limit": "7"}).options.limit == 7
+    assert p.describe() == "opt-pass:count=3,scale=0.5,enabled=False,mode=b"
+    assert _OptPass().describe() == "opt-pass"
+
+
+@pytest.mark.parametrize(
+    ("opts", "message"),
+    [
+        ({"count": "x"}, "count='x' is not a valid int"),
+        ({"scale": "big"}, "is not a valid float"),
+        ({"enabled": "maybe"}, "is not a valid bool"),
+        ({"mode": "c"}, "mode='c' is not one of a, b"),
+        ({"colour": "red"}, "unknown option 'colour'"),
+    ],
+)
+def test_bad_options_are_usage_errors(opts: dict[str, str], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        _OptPass.from_strings(opts)
+
+
+def test_constructor_options() -> None:
+    with pytest.raises(UsageError, match="unknown option 'nope'"):
+        _OptPass(nope=1)
+    with pytest.raises(UsageError, match="not both"):
+        _OptPass(_Opts(), count=2)
+    assert _OptPass(count=2).options.count == 2
+
+
+# --------------------------------------------------------------------------- protocol
+
+
+def _gm() -> GraphModule:
+    return torch.fx.symbolic_trace(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
+
+
+class _Breaks(Pass):
+    """Produces an ill-formed graph: a node used before it is defined."""
+
+    name = "breaks"
+    summary = "test"
+
+    def call(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        nodes = [n for n in gm.graph.nodes if n.op == "call_module"]
+        nodes[0].args = (nodes[1],)
+        return PassResult(gm, True)
+
+
+class _Refuses(Pass):
+    name = "refuses"
+    summary = "test"
+
+    def requires(self, gm: GraphModule, ctx: PassContext) -> None:
+        raise PassError("precondition failed")
+
+    def call(self, gm: GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover
+        raise AssertionError("call ran although requires failed")
+
+
+def test_postcondition_catches_an_invalid_graph() -> None:
+    with pytest.raises(PassError, match="breaks produced an invalid graph"):
+        _Breaks()(_gm())
+
+
+def test_precondition_stops_the_pass() -> None:
+    with pytest.raises(PassError, match="precondition failed"):
+        _Refuses()(_gm())
+
+
+class _Marks(Pass):
+    name = "marks"
+    summary = "test"
+    exact = False
+
+    def __init__(self, tag: str, modify: bool, log: list[str]) -> None:
+        super().__init__()
+        self.tag, self.modify, self.log = tag, modify, log
+
+    def call(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        self.log.append(f"run {self.tag}")
+        return PassResult(gm, self.modify, [Change(self.tag, "x")] if self.modify else [])
+
+
+def test_manager_runs_in_order_and_calls_hooks_only_after_changes() -> None:
+    log: list[str] = []
+    pm = PassManager(
+        [_Marks("a", False, log), _Marks("b", True, log), _Marks("c", False, log)],
+        verify_each=lambda p, r: log.append(f"verify {p.tag}"),
+        after_change=lambda p, r: log.append(f"print {p.tag}"),
+        before_pass=lambda p: log.append(f"before {p.tag}"),
+    )
+    result = pm(_gm())
+    assert log == [
+        "before a",
+        "run a",
+        "before b",
+        "run b",
+        "print b",
+        "verify b",
+        "before c",
+        "run c",
+    ]
+    assert result.modified and not result.exact
+    assert [r.result.modified for r in result.runs] == [False, True, False]
+
+
+# --------------------------------------------------------------------------- tensor recipes
+
+
+def test_compute_tensors_sets_and_logs() -> None:
+    gm, ctx = _gm(), PassContext()
+    w = get_tensor(gm, "0.weight").clone()
+    compute_tensors(
+        gm, ctx, ["0.weight", "0.extra"], ["0.weight"], lambda t: (t * 2, t.sum(0)), "test"
+    )
+    assert torch.equal(get_tensor(gm, "0.weight"), w * 2)
+    assert torch.equal(get_tensor(gm, "0.extra"), w.sum(0))
+    assert isinstance(gm.get_submodule("0").weight, nn.Parameter)
+    [recipe] = ctx.recipes
+    assert (
+        recipe.outputs == ("0.weight", "0.extra")
+        and recipe.inputs == ("0.weight",)
+        and recipe.origin == "test"
+    )
+    with pytest.raises(PassError, match="returned 1 tensors for 2 names"):
+        compute_tensors(gm, ctx, ["a", "b"], ["0.weight"], lambda t: (t,))
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2, groups=2)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.head_bn = nn.BatchNorm1d(4)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.up(torch.relu(self.bn(self.conv(x)))))
+        return self.fc(self.head_bn(y.mean((2, 3))))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_fold_on_meta_then_replay_recipes_on_real_weights(tracer: str) -> None:
+    """The recipe log of a pass run on a meta-device trace, replayed on the real checkpoint,
+    gives exactly the weights of the same pass run on real tensors."""
+    torch.manual_seed(0)
+    real = randomize_norms(_Net(), seed=1).eval()
+    x = torch.randn(2, 3, 8, 8)
+    meta_model = copy.deepcopy(real).to("meta")
+    gm_meta = trace(meta_model, (x.to("meta"),), tracer).graph_module
+    ctx = PassContext()
+    FoldBatchNorm()(gm_meta, ctx)
+    assert ctx.recipes and all(r.origin == "fold-bn" for r in ctx.recipes)
+
+    state = {k: v for k, v in real.state_dict(keep_vars=False).items()}
+    for r in ctx.recipes:
+        outs = r.fn(*(state[name] for name in r.inputs))
+        state.update(zip(r.outputs, outs, strict=True))
+
+    gm_real = trace(real, (x,), tracer).graph_module
+    FoldBatchNorm()(gm_real)
+    expected = gm_real.state_dict()
+    for name, value in expected.items():
+        assert torch.equal(state[name], value), name
+    # the replayed weights, loaded into the meta-traced graph, compute the folded model
+    gm_meta.load_state_dict({k: state[k] for k in gm_meta.state_dict()}, assign=True)
+    with torch.no_grad():
+        torch.testing.assert_close(gm_meta(x), real(x), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- library API
+
+
+def test_convert_returns_graph_module_and_report() -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(_Net(), seed=1).eval()
+    x = torch.randn(2, 3, 8, 8)
+    result = normrewrite.convert(model, passes=["fold-bn"], example_inputs=(x,))
+    assert isinstance(result.graph_module, GraphModule)
+    rep = result.report
+    assert rep.tracer == "fx" and rep.inputs == ["2x3x8x8:float32"] and rep.input_origin == "given"
+    [p] = rep.passes
+    assert p.name == "fold-bn" and p.exact and p.modified and len(p.changes) == 3 and not p.skipped
+    assert rep.nodes_before - rep.nodes_after == 3
+    assert rep.verify is not None and rep.verify.passed and rep.verify.max_rel_err <= 1e-5
+    data = rep.to_json()
+    assert {"passes", "verify", "nodes_before", "nodes_after", "inputs", "output", "exact"} <= set(
+        data
+    )
+    assert data["output"] is None and data["passes"][0]["changes"][0]["target"] == "bn"
+    with torch.no_grad():
+        torch.testing.assert_close(result.graph_module(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_passes_are_callable_on_a_graph_module_and_pass_instances_are_accepted() -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(_Net(), seed=1).eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = trace(model, (x,), "export").graph_module
+    r = FoldBatchNorm()(gm)  # no context needed
+    assert r.graph_module is gm and r.modified and len(r.changes) == 3
+    result = normrewrite.convert(model, passes=[FoldBatchNorm(shared="clone")], example_inputs=(x,))
+    assert result.report.passes[0].spec == "fold-bn:shared=clone"
+    with pytest.raises(UsageError, match="unknown pass"):
+        normrewrite.convert(model, passes=["nope"], example_inputs=(x,))
+    with pytest.raises(UsageError, match="example_inputs are needed"):
+        normrewrite.convert(model)

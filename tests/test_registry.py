@@ -1,0 +1,84 @@
+"""The pass registry, the files in ``passes/`` and the README's pass table stay in sync."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+from pathlib import Path
+
+import normrewrite.passes as passes_pkg
+
+from normrewrite.pass_infra import Pass, PassRegistry
+
+ROOT = Path(__file__).resolve().parents[1]
+README_ROW = re.compile(r"^\|\s*`([^`]+)`\s*\|", re.MULTILINE)
+
+
+def registries() -> list[PassRegistry]:
+    return [v for v in vars(passes_pkg).values() if isinstance(v, PassRegistry)]
+
+
+def registered() -> set[type[Pass]]:
+    return {cls for reg in registries() for cls in reg}
+
+
+def defined_passes(module: object) -> set[type[Pass]]:
+    """Concrete pass classes a module defines (not ones it imports, not abstract bases)."""
+    return {
+        c
+        for c in vars(module).values()
+        if inspect.isclass(c)
+        and issubclass(c, Pass)
+        and c.__module__ == module.__name__
+        and isinstance(vars(c).get("name"), str)
+    }
+
+
+def test_every_pass_module_registers_exactly_the_passes_it_defines() -> None:
+    files = sorted(p.stem for p in (ROOT / "passes").glob("*.py") if p.stem != "__init__")
+    assert "fold_bn" in files
+    all_registered = registered()
+    for stem in files:
+        module = importlib.import_module(f"normrewrite.passes.{stem}")
+        defined = defined_passes(module)
+        assert defined, f"passes/{stem}.py defines no pass"
+        mine = {c for c in all_registered if c.__module__ == module.__name__}
+        assert mine == defined, f"passes/{stem}.py: defined {defined}, registered {mine}"
+    # and nothing registered comes from outside passes/
+    assert {c.__module__.rpartition(".")[2] for c in all_registered} <= set(files)
+
+
+def test_names_are_cli_friendly_and_documented() -> None:
+    for cls in registered():
+        assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", cls.name), cls.name
+        assert cls.summary and "\n" not in cls.summary, cls.name
+        assert isinstance(cls.exact, bool)
+
+
+def test_readme_pass_table_lists_every_registered_pass() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Passes", 1)[1].split("\n## ", 1)[0]
+    rows = README_ROW.findall(section)
+    names = {c.name for c in registered()}
+    missing = sorted(names - set(rows))
+    assert not missing, f"README pass table lacks rows for: {', '.join(missing)}"
+    unknown = sorted(set(rows) - names)
+    assert not unknown, f"README pass table lists unregistered passes: {', '.join(unknown)}"
+    assert len(rows) == len(set(rows)), "duplicate rows in the README pass table"
+
+
+def test_registry_rejects_duplicates_and_unknown_names() -> None:
+    import pytest
+    from normrewrite.passes import REGISTRY, FoldBatchNorm
+
+    from normrewrite.errors import UsageError
+
+    with pytest.raises(ValueError, match="two passes named fold-bn"):
+        PassRegistry([FoldBatchNorm, FoldBatchNorm])
+    with pytest.raises(UsageError, match=r"unknown pass 'nope' \(available: .*fold-bn"):
+        REGISTRY.get("nope")
+    assert REGISTRY.get("fold-bn") is FoldBatchNorm and "fold-bn" in REGISTRY
+    p = FoldBatchNorm(shared="clone")
+    assert REGISTRY.create(p) is p
+    assert REGISTRY.create("fold-bn:shared=clone").options.shared == "clone"
