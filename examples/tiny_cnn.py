@@ -9,18 +9,24 @@ import torch
 from torch import nn
 
 
-def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Trained-looking BN statistics: default ones make folding an identity and hide bugs."""
+def _trained_looking_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """BN statistics measured on data (as training leaves them) and non-trivial γ/β.
+
+    Default BN (mean 0, var 1, γ 1, β 0) makes folding nearly an identity and hides bugs; random
+    statistics that do not match the activations make the output a constant. Measure them."""
     g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        for m in bns:
             n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
-            m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.1)
-            if m.affine:
-                m.weight.data.copy_(torch.randn(n, generator=g))
-                m.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
-    return model
+            m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+            m.momentum = None  # cumulative average over the calibration batches
+            m.reset_running_stats()
+        model.train()
+        for _ in range(8):
+            model(torch.randn(16, 3, 32, 32, generator=g))
+    return model.eval()
 
 
 class TinyCNN(nn.Module):
@@ -48,5 +54,5 @@ class TinyCNN(nn.Module):
 
 def build() -> tuple[nn.Module, tuple[torch.Tensor]]:
     torch.manual_seed(0)
-    model = _randomize_bn(TinyCNN()).eval()
-    return model, (torch.randn(2, 3, 32, 32),)
+    model = _trained_looking_bn(TinyCNN())
+    return model, (torch.randn(4, 3, 32, 32),)

@@ -250,7 +250,7 @@ def test_inspect_json() -> None:
     r = cli("inspect", f"{EXAMPLE}:build", "--json")
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
-    assert data["tracer"] == "fx" and data["inputs"] == ["2x3x32x32:float32"]
+    assert data["tracer"] == "fx" and data["inputs"] == ["4x3x32x32:float32"]
     by_name = {n["name"]: n for n in data["norms"]}
     assert set(by_name) == {
         "stem.1",
@@ -262,7 +262,7 @@ def test_inspect_json() -> None:
         "fc_bn",
     }
     assert by_name["stem.1"]["type"] == "batchnorm" and by_name["stem.1"]["shape"] == [
-        2,
+        4,
         16,
         16,
         16,
