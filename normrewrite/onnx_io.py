@@ -271,6 +271,133 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
+# --------------------------------------------------------------------------- cleanup
+
+# constant folding limits (elements) when every graph input has a static shape: large enough for
+# position tables, attention masks and shape chains of real models, bounded so that folding never
+# materializes a huge tensor (the optimizer's defaults, 8192 in / 262144 out, stop at the first
+# embedding table or seq x seq mask)
+STATIC_FOLD_INPUT_LIMIT = 1 << 24
+STATIC_FOLD_OUTPUT_LIMIT = 1 << 22
+_NEUTRAL = {"Add": 0, "Sub": 0, "Mul": 1, "Div": 1}  # x op c == x when c is all this value
+
+
+def static_inputs(model: ir.Model) -> bool:
+    """True when every graph input has a fully static shape (no symbolic or unknown dim)."""
+    return all(
+        v.shape is not None and all(isinstance(d, int) for d in v.shape) for v in model.graph.inputs
+    )
+
+
+def remove_neutral_ops(model: ir.Model) -> int:
+    """Drop ``x + 0``, ``x - 0``, ``x * 1``, ``x / 1`` whose constant (any shape) does not broadcast
+    ``x`` to a larger shape nor change its dtype (onnxscript's no-op rules take scalars only; a
+    freshly initialized Linear has an all-zero bias vector). Exact: IEEE ``x + 0 == x`` for every
+    ``x`` (a ``-0.0`` input comes out ``-0.0`` instead of ``+0.0``, which compares equal)."""
+    import onnx_ir as ir
+
+    graph, n = model.graph, 0
+    for node in list(graph):
+        if (
+            node.op_type not in _NEUTRAL
+            or node.domain not in ("", "ai.onnx")
+            or len(node.inputs) != 2
+        ):
+            continue
+        sides = (1,) if node.op_type in ("Sub", "Div") else (1, 0)
+        for c_at in sides:
+            x, c = node.inputs[1 - c_at], node.inputs[c_at]
+            out = node.outputs[0]
+            arr = const_array(c)
+            if x is None or arr is None or x.shape is None or is_graph_output(graph, out):
+                continue
+            if is_graph_input(graph, c):
+                continue  # an initializer that is also an input can be overridden at run time
+            if (
+                x.dtype != out.dtype
+                or arr.ndim > len(x.shape)
+                or not np.all(arr == _NEUTRAL[node.op_type])
+            ):
+                continue
+            dims = list(x.shape)[len(x.shape) - arr.ndim :]
+            if any(k != 1 and k != d for k, d in zip(arr.shape, dims, strict=True)):
+                continue  # the constant would broadcast x to a larger shape
+            ir.convenience.replace_all_uses_with(out, x)
+            graph.remove(node, safe=True)
+            n += 1
+            break
+    return n
+
+
+def fold_gather_elements(model: ir.Model) -> int:
+    """Fold ``GatherElements`` of two constants with numpy (onnx's reference evaluator, which the
+    optimizer's constant folding uses, fails on e.g. a (1, 512) table read at (1, 128) indices)."""
+    import onnx_ir as ir
+
+    graph, n = model.graph, 0
+    for node in list(graph):
+        if node.op_type != "GatherElements" or node.domain not in ("", "ai.onnx"):
+            continue
+        data, idx = (const_array(v) for v in node.inputs[:2])
+        out = node.outputs[0]
+        if data is None or idx is None or is_graph_output(graph, out):
+            continue
+        if any(is_graph_input(graph, v) for v in node.inputs[:2] if v is not None):
+            continue
+        if idx.size > STATIC_FOLD_OUTPUT_LIMIT:
+            continue
+        axis = node.attributes.get_int("axis", 0) % data.ndim
+        got = np.take_along_axis(data, np.where(idx < 0, idx + data.shape[axis], idx), axis=axis)
+        value = add_initializer(graph, out.name or "gather_elements", got)
+        ir.convenience.replace_all_uses_with(out, value)
+        graph.remove(node, safe=True)
+        n += 1
+    return n
+
+
+def _fold_feeding_constants(node: ir.Node) -> bool | None:
+    """The optimizer keeps ``ConstantOfShape`` (folding it alone only grows the file): fold it
+    when every reader's other inputs are constants too, so the chain (e.g. a causal mask
+    ``ConstantOfShape → Trilu``) folds on into one initializer. None: the default rules."""
+    if node.op_type != "ConstantOfShape" or node.domain not in ("", "ai.onnx"):
+        return None
+    out = node.outputs[0]
+    readers = [u.node for u in out.uses()]
+    if not readers or any(
+        v is not None and v is not out and v.const_value is None for r in readers for v in r.inputs
+    ):
+        return None
+    return True
+
+
+def optimize(model: ir.Model, *, allow_static: bool = True) -> str:
+    """onnxscript's optimizer (constant folding, dead code, identities, CSE) plus
+    :func:`remove_neutral_ops`, in place. When every graph input is static (no ``--dynamic``), the
+    folding limits are raised so shape chains (Shape/Gather/Concat → Reshape), position tables and
+    attention masks computed from static shapes become initializers, as onnxsim does; a model with
+    symbolic dims keeps its shape computations. Every fold evaluates the same ops on constants:
+    exact (the callers compare the result in onnxruntime). ``allow_static=False`` (``--dynamic``)
+    never takes the static-shape mode. Returns which mode ran."""
+    import onnxscript.optimizer
+
+    static = allow_static and static_inputs(model)
+    if static:
+        for _ in range(2):
+            onnxscript.optimizer.optimize_ir(
+                model,
+                input_size_limit=STATIC_FOLD_INPUT_LIMIT,
+                output_size_limit=STATIC_FOLD_OUTPUT_LIMIT,
+                should_fold=_fold_feeding_constants,
+            )
+            if not (fold_gather_elements(model) + remove_neutral_ops(model)):
+                break
+    else:
+        onnxscript.optimizer.optimize(model)
+        if remove_neutral_ops(model):
+            onnxscript.optimizer.optimize(model)
+    return "static shapes" if static else "symbolic shapes kept"
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -763,6 +890,10 @@ def emit(
     ctx = OnnxContext(target=options.target, opset=opset)
     if postprocess is not None:
         notes += postprocess(model, ctx)
+    before_nodes = count_nodes(model)
+    mode = optimize(model, allow_static=not options.dynamic)
+    if count_nodes(model) < before_nodes:
+        notes.append(f"cleanup ({mode}): {before_nodes} → {count_nodes(model)} nodes")
     gn = groupnorm_as_instancenorm(model)
     if gn:
         notes.append(
@@ -895,13 +1026,12 @@ def convert_model(
     if any(r.modified for r in report.passes) or cleanup:
         # onnxscript's optimizer (constant folding, dead code, standard identities) after the
         # rewrites; covered by the onnxruntime comparison below like the passes themselves
-        import onnxscript.optimizer
-
         before_nodes = count_nodes(model)
-        onnxscript.optimizer.optimize(model)
+        mode = optimize(model)
         if count_nodes(model) < before_nodes:
             report.notes.append(
-                f"onnxscript optimizer cleanup: {before_nodes} → {count_nodes(model)} nodes"
+                f"onnxscript optimizer cleanup ({mode}): {before_nodes} → "
+                f"{count_nodes(model)} nodes"
             )
     timings["passes"] = time.perf_counter() - t0
     report.nodes_after = count_nodes(model)

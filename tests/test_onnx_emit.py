@@ -6,6 +6,9 @@ and the BatchNorm-in-training-mode trap. One test per known trap of issue 5."""
 from __future__ import annotations
 
 import collections
+import contextlib
+import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -201,3 +204,80 @@ def test_dynamic_export_that_breaks_at_other_sizes_is_refused(tmp_path: Path) ->
     with pytest.raises(EmitError, match="does not run at other input sizes"):
         convert(module.eval(), (torch.randn(2, 3, 32, 32),), tmp_path / "p.onnx", dynamic=True)
     assert list(tmp_path.iterdir()) == []
+
+
+class ShapeChain(nn.Module):
+    """Shape-dependent code as older exporters and HF models write it: a view built from
+    x.shape (Shape/Gather/Unsqueeze/Concat → Reshape), a seq x seq causal mask built from the
+    sequence length (ConstantOfShape → Trilu; 96² elements, above onnxscript's default folding
+    limit of 8192) and a zero Linear bias (freshly initialized layers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.ln = nn.Linear(16, 16), nn.LayerNorm(16)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.proj(x).view(b, s, 4, -1).transpose(1, 2)
+        att = (q @ q.transpose(-1, -2) + torch.ones(s, s).tril()).softmax(-1) @ q
+        return self.ln(att.transpose(1, 2).reshape(b, s, -1))
+
+
+# what the static-shape cleanup must leave of ShapeChain: no shape op, no mask op, no bias Add
+FOLDED = {
+    "MatMul": 3,
+    "Transpose": 3,
+    "Reshape": 2,
+    "Add": 1,
+    "Softmax": 1,
+    "LayerNormalization": 1,
+}
+SHAPE_OPS = {"Shape", "Gather", "Unsqueeze", "Concat", "ConstantOfShape", "Trilu", "Expand"}
+
+
+def test_static_shape_chains_fold_and_dynamic_ones_stay(tmp_path: Path) -> None:
+    """ONNX in: a TorchScript export with symbolic batch/sequence, then the same file with its
+    input pinned to a static shape (its Shape chains still inside). Static: every shape
+    computation, the mask and the zero-bias Add fold (onnxsim's advantage); symbolic: the shape
+    ops stay and the model still runs at another size. Torch in: the same split by --dynamic."""
+    torch.manual_seed(0)
+    module, x = ShapeChain().eval(), torch.randn(2, 96, 16)
+    f = tmp_path / "dyn.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, (x,), str(f), dynamo=False, opset_version=18, input_names=["x"],
+            dynamic_axes={"x": {0: "b", 1: "s"}},
+        )  # fmt: skip
+    pinned = onnx.load(str(f))
+    assert SHAPE_OPS - {"Expand"} <= set(op_counts(pinned))
+    for dim, size in zip(pinned.graph.input[0].type.tensor_type.shape.dim, x.shape, strict=True):
+        dim.dim_value = size
+    onnx.save(pinned, str(tmp_path / "static.onnx"))
+    ref = module.double()(x.double()).detach().numpy()
+    module.float()
+    got: dict[str, collections.Counter[str]] = {}
+    for name in ("static", "dyn"):
+        r = normrewrite.convert(
+            str(tmp_path / f"{name}.onnx"), ["fuse-norm"], outputs=[tmp_path / f"{name}_out.onnx"]
+        )
+        assert r.report.verify.passed and r.report.verify.max_rel_err <= 1e-5
+        got[name] = op_counts(onnx.load(str(tmp_path / f"{name}_out.onnx")))
+        sess = onnx_io.session(tmp_path / f"{name}_out.onnx")
+        assert onnx_io.relative_error([ref], sess.run(None, {"x": x.numpy()}))[1] <= 1e-5
+    assert got["static"] == collections.Counter(FOLDED)
+    assert got["dyn"]["Shape"] >= 1 and got["dyn"]["Trilu"] == 1 and got["dyn"]["Add"] == 1
+    other = torch.randn(3, 50, 16)
+    sess = onnx_io.session(tmp_path / "dyn_out.onnx")
+    assert (
+        onnx_io.relative_error(
+            [module(other).detach().numpy()], sess.run(None, {"x": other.numpy()})
+        )[1]
+        <= 1e-5
+    )
+    out_s, p_s = convert(module, (x,), tmp_path / "ts.onnx")
+    assert op_counts(p_s) == collections.Counter(FOLDED) and out_s.onnx_max_rel_err <= 1e-5
+    out_d, p_d = convert(module, (x,), tmp_path / "td.onnx", dynamic=True)
+    assert op_counts(p_d)["Shape"] >= 1 and op_counts(p_d)["Trilu"] == 1
+    assert out_d.onnx_max_rel_err <= 1e-5
