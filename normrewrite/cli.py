@@ -128,7 +128,8 @@ _pickle_opt = click.option(
 @click.option("-q", "--quiet", is_flag=True, help="print nothing but errors")
 @click.option("--meta", is_flag=True,
               help="for models larger than memory: trace on the meta device and stream the weights "
-                   "from MODEL's safetensors into sharded safetensors in the -o DIR/")
+                   "from MODEL's safetensors into sharded safetensors in the -o DIR/, or into "
+                   "-o OUT.onnx with its weights in OUT.onnx.data")
 @click.option("--max-shard-size", type=int, default=1 << 30, show_default=True,
               help="bytes per output shard with --meta")
 @click.option("--compile", "compile_", type=click.Choice(["aoti"]), default=None,
@@ -180,7 +181,7 @@ def convert(
 
         if meta:
             _stream(model, passes, outputs, force=force, max_shard_size=max_shard_size,
-                    trust_remote_code=trust_remote_code, err=err, out=out)
+                    trust_remote_code=trust_remote_code, err=err, out=out, onnx_options=onnx_options)
             return
 
         def after(p: Any, r: Any) -> None:
@@ -208,12 +209,24 @@ def convert(
 
 
 def _stream(model: str, passes: list[str], outputs: tuple[str, ...], *, force: bool,
-            max_shard_size: int, trust_remote_code: bool, err: Console, out: Console) -> None:
+            max_shard_size: int, trust_remote_code: bool, err: Console, out: Console,
+            onnx_options: Any = None) -> None:
     from .errors import UsageError
-    from .stream import convert_checkpoint
+    from .stream import convert_checkpoint, convert_checkpoint_onnx
 
-    if len(outputs) != 1 or Path(outputs[0]).suffix in (".pt2", ".onnx"):
-        raise UsageError("--meta writes sharded safetensors: give one output directory, -o OUT_DIR/")
+    if len(outputs) != 1 or Path(outputs[0]).suffix == ".pt2":
+        raise UsageError("--meta writes sharded safetensors (-o OUT_DIR/) or ONNX with external data "
+                         "(-o OUT.onnx): give one of them")
+    if Path(outputs[0]).suffix == ".onnx":
+        r = convert_checkpoint_onnx(model, passes, outputs[0], options=onnx_options, force=force,
+                                    trust_remote_code=trust_remote_code, progress=not err.quiet, console=err)
+        for name, changes in r.changes.items():
+            out.print(f"[bold]{name}[/]: {len(changes)} changes")
+        for note in r.notes:
+            out.print(f"  {note}", markup=False)
+        out.print(f"wrote {r.path} (opset {r.opset}, {r.nodes} nodes) and {r.data_path.name} "
+                  f"({r.bytes_written / 1e9:.2f} GB) in {r.seconds['total']:.1f} s")
+        return
     res = convert_checkpoint(model, passes, outputs[0], force=force, max_shard_size=max_shard_size,
                              trust_remote_code=trust_remote_code, progress=not err.quiet, console=err)
     for name, changes in res.changes.items():

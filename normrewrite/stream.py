@@ -22,6 +22,16 @@ graph's names onto the checkpoint, and the output uses the checkpoint's conventi
 
 Tied weights (``lm_head.weight is embed_tokens.weight``) are written once, under the first name;
 non-persistent buffers (rotary ``inv_freq``) are not in checkpoints and are not written.
+
+ONNX (:func:`convert_checkpoint_onnx`). ``torch.onnx.export`` of the rewritten ``meta`` program
+works as long as nothing reads weight data: the exporter's own optimizer constant-folds
+``Transpose(W)`` and so fails with "Cannot copy out of meta tensor". The program is therefore
+exported unoptimized, each ``meta`` initializer is bound to an ``onnx_ir.ExternalTensor`` at the
+rewritten tensor's slot in scratch safetensors (the replay above, written beside the destination),
+``Transpose(W)`` becomes a lazily transposed initializer (read in row blocks), the optimizer runs
+with folding of weight-reading nodes disabled, and ``onnx_ir.save`` streams the weights into
+``OUT.onnx.data`` one tensor at a time (untransposed ones are copied file to file). Cost: the
+scratch copy needs disk space equal to the output.
 """
 
 from __future__ import annotations
@@ -647,6 +657,62 @@ def _retype(module: nn.Module, ckpt: Checkpoint, keymap: KeyMap) -> None:
                 owner._buffers[attr] = new
 
 
+def _load_meta(
+    model: str | os.PathLike[str] | nn.Module,
+    checkpoint: str | os.PathLike[str] | None,
+    example_inputs: tuple[Any, ...] | None,
+    tracer: str,
+    trust_remote_code: bool,
+) -> tuple[
+    nn.Module, tuple[Any, ...], str, Checkpoint, Path | None, str, KeyMap, dict[str, torch.Tensor]
+]:
+    """The model on ``meta`` with the checkpoint's dtypes, its inputs, description, checkpoint,
+    source directory, tracer and key mapping; and the values of non-persistent buffers of an
+    in-memory ``nn.Module`` (they are in no checkpoint and ``meta`` loses them)."""
+    src_dir: Path | None = None
+    buffers: dict[str, torch.Tensor] = {}
+    if isinstance(model, nn.Module):
+        if checkpoint is None or example_inputs is None:
+            raise UsageError(
+                "a module needs checkpoint= and example_inputs= to be converted from a checkpoint"
+            )
+        buffers = {
+            n: b.detach().clone()
+            for n, b in _non_persistent_buffers(model)
+            if b.device.type != "meta"
+        }
+        module = model.to("meta").eval()
+        inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in example_inputs)
+        description = type(model).__name__
+        ckpt = Checkpoint(checkpoint)
+    else:
+        src_dir = Path(model)
+        if not src_dir.is_dir():
+            raise LoadError(
+                f"{src_dir}: not a model directory (streamed conversion needs config.json + safetensors)"
+            )
+        ckpt = Checkpoint(checkpoint if checkpoint is not None else src_dir)
+        module, inputs, description = build_meta_hf(src_dir, trust_remote_code=trust_remote_code)
+        if example_inputs is not None:
+            inputs = tuple(
+                x.to("meta") if isinstance(x, torch.Tensor) else x for x in example_inputs
+            )
+        if tracer == "auto":
+            tracer = "export"
+    names_before = [n for n, _ in _named_tensors(module)]
+    keymap = key_mapping(names_before, ckpt.keys())
+    _retype(module, ckpt, keymap)
+    return module, inputs, description, ckpt, src_dir, tracer, keymap, buffers
+
+
+def _non_persistent_buffers(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        for attr in sub._non_persistent_buffers_set:
+            b = sub._buffers.get(attr)
+            if b is not None:
+                yield (f"{prefix}.{attr}" if prefix else attr), b
+
+
 def convert_checkpoint(
     model: str | os.PathLike[str] | nn.Module,
     passes: Sequence[str | Pass],
@@ -680,38 +746,14 @@ def convert_checkpoint(
     if max_shard_size <= 0:
         raise UsageError("max_shard_size must be positive")
     out = Path(out_dir)
-    src_dir: Path | None = None
-    if isinstance(model, nn.Module):
-        if checkpoint is None or example_inputs is None:
-            raise UsageError(
-                "a module needs checkpoint= and example_inputs= to be converted from a checkpoint"
-            )
-        module = model.to("meta").eval()
-        inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in example_inputs)
-        description = type(model).__name__
-        ckpt = Checkpoint(checkpoint)
-    else:
-        src_dir = Path(model)
-        if not src_dir.is_dir():
-            raise LoadError(
-                f"{src_dir}: not a model directory (streamed conversion needs config.json + safetensors)"
-            )
-        ckpt = Checkpoint(checkpoint if checkpoint is not None else src_dir)
-        module, inputs, description = build_meta_hf(src_dir, trust_remote_code=trust_remote_code)
-        if example_inputs is not None:
-            inputs = tuple(
-                x.to("meta") if isinstance(x, torch.Tensor) else x for x in example_inputs
-            )
-        if tracer == "auto":
-            tracer = "export"
+    module, inputs, description, ckpt, src_dir, tracer, keymap, _ = _load_meta(
+        model, checkpoint, example_inputs, tracer, trust_remote_code
+    )
     check_output(
         out,
         force=force,
         inputs=tuple(p for p in (src_dir, Path(checkpoint) if checkpoint else None) if p),
     )
-    names_before = [n for n, _ in _named_tensors(module)]
-    keymap = key_mapping(names_before, ckpt.keys())
-    _retype(module, ckpt, keymap)
 
     bar = _Progress(progress, console)
     with bar:
@@ -868,14 +910,400 @@ class _Progress:
             self.progress.advance(self.task, n)
 
 
+# --------------------------------------------------------------------------- ONNX with external data
+
+
+@dataclass
+class StreamOnnxResult:
+    path: Path
+    data_path: Path
+    initializers: int
+    bytes_written: int  # external data
+    checkpoint_bytes: int
+    changes: dict[str, list[str]]  # pass → changes
+    plan: StreamPlan
+    nodes: int
+    opset: int
+    notes: list[str]
+    seconds: dict[str, float]
+
+
+def _hf_buffer_values(module: nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Values of non-persistent buffers (rotary ``inv_freq``) of a Hugging Face model built on
+    ``meta``: they are in no checkpoint, so they are recomputed the way ``from_pretrained`` does,
+    with the model's ``_init_weights`` on a CPU copy of the owning module. Run twice from two
+    different fills: a buffer ``_init_weights`` does not set is left out (and reported later)."""
+    import copy
+
+    init = getattr(module, "_init_weights", None)
+    out: dict[str, torch.Tensor] = {}
+    if init is None:
+        return out
+    for name in names:
+        prefix, _, attr = name.rpartition(".")
+        owner = module.get_submodule(prefix) if prefix else module
+        b = owner._buffers.get(attr)
+        if b is None:
+            continue
+        got = []
+        for fill in (0, 1):
+            shell = copy.copy(owner)  # shares the (meta) parameters; own buffer dict
+            shell._buffers = {
+                k: (torch.full(v.shape, fill, dtype=v.dtype) if v is not None else None)
+                for k, v in owner._buffers.items()
+            }
+            try:
+                with torch.no_grad():
+                    init(shell)
+            except Exception:
+                break
+            got.append(shell._buffers[attr])
+        if len(got) == 2 and torch.equal(got[0], got[1]):
+            out[name] = got[0]
+    return out
+
+
+def _bind_initializers(
+    model: Any,
+    plan: StreamPlan,
+    keymap: KeyMap,
+    scratch: Checkpoint,
+    buffers: dict[str, torch.Tensor],
+) -> tuple[dict[str, str], Any]:
+    """Give every ``meta`` initializer of the exported ``model`` its data: an external tensor at
+    the rewritten value's slot in ``scratch`` (the streamed safetensors; ``onnx_ir.save`` copies
+    it file to file), or a recomputed non-persistent buffer. Returns the names bound to
+    ``scratch`` (→ their keys there) and the exporter's tensor class."""
+    import onnx_ir as ir
+
+    lazy: dict[str, str] = {}
+    wrap: Any = None
+    for name, value in model.graph.initializers.items():
+        cv = value.const_value
+        raw = getattr(cv, "raw", None)
+        if not (isinstance(raw, torch.Tensor) and raw.device.type == "meta"):
+            continue  # a constant with data (created in forward, or folded by the exporter)
+        key = keymap.key(name)
+        if key not in plan.outputs:
+            key = plan.tied.get(name, "")
+        if key in plan.outputs:
+            _, dtype, shape = plan.outputs[key]
+            if dtype != raw.dtype or shape != tuple(raw.shape):
+                raise EmitError(
+                    f"ONNX initializer {name} is {raw.dtype}{list(raw.shape)}, the streamed tensor "
+                    f"{key} is {dtype}{list(shape)}"
+                )
+            wrap = type(cv)
+            f = scratch.where[key]
+            e = f.entries[key]
+            value.const_value = ir.ExternalTensor(
+                f.path.name,
+                e.start,
+                e.end - e.start,
+                cv.dtype,
+                shape=cv.shape,
+                name=name,
+                base_dir=f.path.parent,
+            )
+            lazy[name] = key
+        elif name in buffers:
+            v = buffers[name].to(raw.dtype)
+            if tuple(v.shape) != tuple(raw.shape):
+                raise EmitError(f"buffer {name}: recomputed {list(v.shape)}, graph has {list(raw.shape)}")
+            value.const_value = type(cv)(v, name=name)
+        else:
+            raise EmitError(
+                f"ONNX initializer {name} has no data on the meta device and no checkpoint tensor "
+                f"(looked for {keymap.key(name)!r}); it cannot be exported with --meta"
+            )
+    return lazy, wrap
+
+
+def _read_transposed(ckpt: Checkpoint, key: str, chunk: int = 16 << 20) -> torch.Tensor:
+    """``ckpt[key].T`` (2-D), contiguous, read in row blocks of about ``chunk`` bytes: the
+    process holds the result and one block, not the source as well."""
+    f = ckpt.where[key]
+    e = f.entries[key]
+    rows, cols = e.shape
+    row_bytes = cols * _itemsize(e.dtype)
+    out = torch.empty((cols, rows), dtype=e.dtype)
+    step = max(1, chunk // max(row_bytes, 1))
+    with open(f.path, "rb") as fh:
+        for r in range(0, rows, step):
+            n = min(step, rows - r)
+            buf = torch.empty(n * row_bytes, dtype=torch.uint8)
+            fh.seek(e.start + r * row_bytes)
+            if fh.readinto(memoryview(buf.numpy())) != n * row_bytes:
+                raise LoadError(f"{f.path}: {key} is truncated")
+            out[:, r : r + n] = buf.view(e.dtype).reshape(n, cols).T
+    return out
+
+
+def _fold_weight_transposes(model: Any, lazy: dict[str, str], scratch: Checkpoint, wrap: Any) -> int:
+    """``Transpose(W)`` of a lazily bound weight → a lazy initializer that transposes on read
+    (what the exporter's constant folding does in memory: MatMul reads ``Wᵀ`` directly). The
+    new initializers join ``lazy``; ``W`` is dropped by the optimizer when nothing else reads it."""
+    import numpy as np
+    import onnx_ir as ir
+
+    graph = model.graph
+    n = 0
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        src, out = node.inputs[0], node.outputs[0]
+        if src is None or src.name not in lazy or not src.is_initializer() or out.is_graph_output():
+            continue
+        base = src.const_value
+        key = lazy[src.name]
+        rank = len(base.shape)
+        attr = node.attributes.get("perm")
+        perm = tuple(attr.as_ints()) if attr is not None else tuple(reversed(range(rank)))
+        name = f"{src.name}.T" if perm == (1, 0) else f"{src.name}.perm{''.join(map(str, perm))}"
+        if name in graph.initializers:
+            new = graph.initializers[name]
+        else:
+
+            def read(key: str = key, perm: tuple[int, ...] = perm, name: str = name) -> Any:
+                if perm == (1, 0):
+                    t = _read_transposed(scratch, key)
+                else:
+                    t = scratch.read(key).permute(perm).contiguous()
+                if t.dtype in (torch.float32, torch.float64, torch.float16):  # tofile: no copy
+                    return ir.Tensor(np.asarray(t.numpy()), name=name)
+                return wrap(t, name=name)
+
+            shape = ir.Shape([base.shape[i] for i in perm])
+            new = ir.Value(name=name, shape=shape, type=ir.TensorType(base.dtype))
+            new.const_value = ir.LazyTensor(read, dtype=base.dtype, shape=shape, name=name)
+            graph.register_initializer(new)
+            lazy[name] = key
+        out.replace_all_uses_with(new)
+        graph.remove(node, safe=True)
+        n += 1
+    for name in [k for k, v in graph.initializers.items() if k in lazy and not v.uses()]:
+        graph.initializers.pop(name)
+        lazy.pop(name)
+    return n
+
+
+def convert_checkpoint_onnx(
+    model: str | os.PathLike[str] | nn.Module,
+    passes: Sequence[str | Pass],
+    dest: str | os.PathLike[str],
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    example_inputs: tuple[Any, ...] | None = None,
+    tracer: str = "auto",
+    options: Any = None,
+    force: bool = False,
+    trust_remote_code: bool = False,
+    progress: bool = False,
+    console: Any = None,
+) -> StreamOnnxResult:
+    """Rewrite a checkpoint larger than memory into ONNX with external data (``DEST`` +
+    ``DEST.data``).
+
+    As :func:`convert_checkpoint`, the model is traced and rewritten on ``meta``; the rewritten
+    ``meta`` program is exported to ONNX (``torch.onnx.export``, whose initializers are then
+    ``meta`` tensors with no data) and optimized without folding any node that reads a weight.
+    The recipes are replayed shard by shard into scratch safetensors beside the destination;
+    each weight initializer points at its slot there (``Transpose(W)`` becomes a lazily
+    transposed initializer) while ``onnx_ir.save`` streams the external data, so at most one
+    tensor is in memory at a time. Non-
+    persistent buffers (rotary ``inv_freq``) are recomputed (:func:`_hf_buffer_values`). The
+    pair is validated (external-data locations, ``onnx.checker`` full check on the path) and
+    renamed into place at the end: a failure leaves nothing behind. ``options`` is an
+    :class:`~normrewrite.onnx_io.OnnxOptions`; ``dtype`` and ``dynamic`` are not supported here
+    (the ONNX keeps the checkpoint's dtypes)."""
+    import time
+
+    import onnx_ir as ir
+    import onnxscript.optimizer
+
+    from .emit import export_program
+    from .fsutil import check_output
+    from .onnx_io import (
+        OnnxContext,
+        OnnxOptions,
+        _atomic_pair,
+        count_nodes,
+        export_error,
+        groupnorm_as_instancenorm,
+        model_opset,
+        ort_skip_fusions,
+        validate_file,
+    )
+    from .passes import ONNX_REGISTRY, REGISTRY
+    from .safety import check_external_data
+    from .trace import trace
+
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    options = options or OnnxOptions()
+    if options.dtype != "float32" or options.dynamic or options.keep_io_types:
+        raise UsageError(
+            "--meta ONNX output keeps the checkpoint's dtypes and static shapes: "
+            "--dtype/--keep-io-types/--dynamic are not supported with --meta"
+        )
+    opset = options.resolved_opset
+    if opset < 18:
+        raise UsageError(f"torch.onnx.export writes opset 18 at the lowest, not {opset}")
+    pipeline = [REGISTRY.create(p) for p in passes]
+    if "fix-export" in REGISTRY and not any(p.name == "fix-export" for p in pipeline):
+        pipeline.append(REGISTRY.create("fix-export"))  # as api.convert does before ONNX
+    out = Path(dest)
+    data = out.with_name(out.name + ".data")
+    module, inputs, _description, ckpt, src_dir, tracer, keymap, buffers = _load_meta(
+        model, checkpoint, example_inputs, tracer, trust_remote_code
+    )
+    sources = tuple(p for p in (src_dir, Path(checkpoint) if checkpoint else None) if p)
+    check_output(out, force=force, inputs=sources)
+    check_output(data, force=force, inputs=sources)
+    if not isinstance(model, nn.Module):
+        missing = [n for n, _ in _non_persistent_buffers(module)]
+        buffers = _hf_buffer_values(module, missing)
+
+    bar = _Progress(progress, console)
+    notes: list[str] = []
+    with bar:
+        bar.stage("tracing on the meta device")
+        gm = trace(module, inputs, tracer).graph_module  # type: ignore[arg-type]
+        seconds["trace"] = time.perf_counter() - t0
+        before = _snapshot(gm)
+        ctx = PassContext(example_inputs=inputs)
+        t1 = time.perf_counter()
+        result = PassManager(pipeline, before_pass=lambda p: bar.stage(f"pass {p.name} (on meta)"))(
+            gm, ctx
+        )
+        seconds["passes"] = time.perf_counter() - t1
+        rewritten = result.graph_module
+        plan = make_plan(before, rewritten, ctx.recipes, ckpt.keys(), keymap=keymap)
+        changes = {
+            run.pass_.describe(): [f"{c.target}: {c.detail}" for c in run.result.changes]
+            for run in result.runs
+        }
+
+        t2 = time.perf_counter()
+        bar.stage("exporting the meta program to ONNX")
+        ep = export_program(rewritten, inputs)  # type: ignore[arg-type]
+        try:
+            import contextlib as _cl
+            import io as _io
+            import warnings
+
+            sink = _io.StringIO()
+            with warnings.catch_warnings(), _cl.redirect_stdout(sink), _cl.redirect_stderr(sink):
+                warnings.simplefilter("ignore")
+                onnx_model = torch.onnx.export(
+                    ep, (), dynamo=True, opset_version=opset, verbose=False, optimize=False
+                ).model
+        except Exception as e:
+            raise EmitError(export_error(e)) from e
+        if model_opset(onnx_model) != opset:
+            raise EmitError(f"asked the exporter for opset {opset}, it wrote {model_opset(onnx_model)}")
+        seconds["export"] = time.perf_counter() - t2
+
+        t3 = time.perf_counter()
+        with _atomic_pair(out) as tmp:
+            scratch_dir = tmp.parent / "scratch-safetensors"
+            scratch_dir.mkdir()
+            writer = ShardWriter(
+                scratch_dir,
+                [(k, dt, shape) for k, (_, dt, shape) in plan.outputs.items()],
+                max_shard_bytes=1 << 62,
+            )
+            try:
+                bar.start_bytes("replaying the rewrites", writer.total_bytes)
+                _Evaluator(plan, ckpt, writer, bar.advance).run()
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            seconds["replay"] = time.perf_counter() - t3
+            scratch = Checkpoint(scratch_dir)
+            lazy, wrap = _bind_initializers(onnx_model, plan, keymap, scratch, buffers)
+
+            def guard(node: Any) -> bool | None:  # never fold a weight into an in-memory constant
+                for v in node.inputs:
+                    if v is not None and v.name in lazy and v.is_initializer():
+                        return False
+                return None
+
+            bar.stage("optimizing the ONNX graph (weights stay on disk)")
+            _fold_weight_transposes(onnx_model, lazy, scratch, wrap)
+            try:
+                onnxscript.optimizer.optimize_ir(onnx_model, should_fold=guard)
+            except Exception as e:
+                raise EmitError(f"optimizing the ONNX graph failed: {export_error(e)}") from e
+            octx = OnnxContext(target=options.target, opset=opset)
+            if "fuse-norm" in ONNX_REGISTRY:
+                r = ONNX_REGISTRY.create("fuse-norm")(onnx_model, octx)
+                if r.modified:
+                    notes.append(f"fuse-norm (ONNX): {len(r.changes)} decomposed norms fused")
+            gn = groupnorm_as_instancenorm(onnx_model)
+            if gn:
+                notes.append(f"{gn} GroupNormalization → InstanceNormalization form")
+            if options.target == "ort":
+                fused = {k: v for k, v in ort_skip_fusions(onnx_model).items() if v}
+                if fused:
+                    notes.append("onnxruntime fusions: " + ", ".join(f"{v} {k}" for k, v in fused.items()))
+            if model_opset(onnx_model) != opset:
+                raise EmitError(f"asked for opset {opset}, the model has opset {model_opset(onnx_model)}")
+            t4 = time.perf_counter()
+            seconds["optimize"] = t4 - t3 - seconds["replay"]
+            inits = onnx_model.graph.initializers
+            nbytes = sum(inits[n].const_value.nbytes for n in lazy if n in inits)
+            bar.start_bytes("writing ONNX external data", nbytes)
+
+            def on_tensor(tensor: Any, info: Any) -> None:
+                if tensor.name in lazy:
+                    bar.advance(tensor.nbytes)
+
+            try:
+                ir.save(
+                    onnx_model,
+                    str(tmp),
+                    external_data=data.name,
+                    size_threshold_bytes=1024,
+                    callback=on_tensor,
+                    max_in_flight_bytes=1 << 27,
+                )
+            except Exception as e:
+                raise EmitError(f"writing {out.name} failed: {type(e).__name__}: {export_error(e)}") from e
+            seconds["save"] = time.perf_counter() - t4
+            shutil.rmtree(scratch_dir)
+            bar.stage("validating")
+            check_external_data(tmp)
+            notes += validate_file(tmp)
+            written = (tmp.parent / data.name).stat().st_size if (tmp.parent / data.name).exists() else 0
+            nodes = count_nodes(onnx_model)
+    seconds["total"] = time.perf_counter() - t0
+    return StreamOnnxResult(
+        out,
+        data,
+        len(onnx_model.graph.initializers),
+        written,
+        ckpt.nbytes,
+        changes,
+        plan,
+        nodes,
+        opset,
+        notes,
+        {k: round(v, 3) for k, v in seconds.items()},
+    )
+
+
 __all__ = [
     "Checkpoint",
     "KeyMap",
     "SafetensorsFile",
     "ShardWriter",
+    "StreamOnnxResult",
     "StreamPlan",
     "StreamResult",
     "convert_checkpoint",
+    "convert_checkpoint_onnx",
     "key_mapping",
     "make_plan",
 ]

@@ -335,3 +335,113 @@ def test_quiet_prints_nothing_on_hf_load(tmp_path: Path) -> None:
     )
     assert r.exit_code == 0, r.output
     assert r.output == ""
+
+
+# --------------------------------------------------------------------------- ONNX with external data
+
+
+def _ort_logits(path: Path, ids: torch.Tensor):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0]
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_meta_onnx_equals_in_memory_onnx(tmp_path: Path, tie: bool) -> None:
+    """--meta ONNX (exported from the meta program, weights streamed into external data) computes
+    what the in-memory conversion's ONNX computes, and its weights are the rewritten ones."""
+    import numpy as np
+    import onnx
+
+    from normrewrite.safety import check_external_data
+
+    passes = ["fuse-norm", "fold-norm-affine"]
+    if not all(p in normrewrite.REGISTRY for p in passes):
+        pytest.skip("fold-norm-affine / fuse-norm not registered")
+    model = _llama(causal=True, tie=tie)
+    src = tmp_path / "src"
+    model.save_pretrained(src, max_shard_size="30KB")
+    out = tmp_path / "meta.onnx"
+    res = stream.convert_checkpoint_onnx(src, passes, out)
+    assert sum(len(v) for v in res.changes.values()) > 0, res.changes
+    data = tmp_path / "meta.onnx.data"
+    assert out.is_file() and data.is_file() and res.bytes_written == data.stat().st_size > 0
+    assert check_external_data(out) == [data.resolve()] or data.resolve() in check_external_data(out)
+    onnx.checker.check_model(str(out), full_check=True)
+    # the big initializers live in the external file, not in the protobuf
+    proto = onnx.load(str(out), load_external_data=False)
+    external = {t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert "model.layers.0.self_attn.q_proj.weight.T" in external  # Transpose(W) folded lazily
+    inline = [t for t in proto.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    assert all(len(t.raw_data) <= 1024 for t in inline)  # only small constants stay inline
+
+    ids = torch.randint(0, 100, (1, 16))
+    mem = normrewrite.convert(
+        model, passes, example_inputs=(ids,), tracer="export", outputs=[str(tmp_path / "mem.onnx")]
+    )
+    got, want = _ort_logits(out, ids), _ort_logits(tmp_path / "mem.onnx", ids)
+    assert got.shape == want.shape == (1, 16, 100)
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+    # and the original model's function (fp64 reference)
+    import copy
+
+    from normrewrite.verify import run
+
+    ref = run(copy.deepcopy(model).double(), (ids,))[0].numpy()
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    # initializer bytes == the in-memory rewritten tensors (fold-norm-affine changed the q_proj)
+    loaded = {t.name: t for t in onnx.load(str(out)).graph.initializer}
+    state = mem.graph_module.state_dict()
+    w = onnx.numpy_helper.to_array(loaded["model.layers.0.self_attn.q_proj.weight.T"])
+    assert np.array_equal(w, state["model.layers.0.self_attn.q_proj.weight"].numpy().T)
+    assert not np.array_equal(w, model.state_dict()["model.layers.0.self_attn.q_proj.weight"].numpy().T)
+    assert not any(n.op_type == "Transpose" and n.input[0] in loaded for n in proto.graph.node)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mem.onnx", "meta.onnx", "meta.onnx.data", "src"]
+
+
+def test_meta_onnx_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure after the external data was written (here: validation) leaves no file behind;
+    an existing output is not overwritten without force."""
+    from normrewrite import onnx_io
+    from normrewrite.errors import EmitError
+
+    model = _llama(causal=False)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+
+    def boom(path: Path) -> list[str]:
+        assert (path.parent / "out.onnx.data").stat().st_size > 0  # it got that far
+        raise EmitError("forced failure")
+
+    monkeypatch.setattr(onnx_io, "validate_file", boom)
+    with pytest.raises(EmitError, match="forced"):
+        stream.convert_checkpoint_onnx(src, ["fuse-norm"], tmp_path / "out.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    monkeypatch.undo()
+    (tmp_path / "out.onnx.data").write_bytes(b"keep")
+    with pytest.raises(EmitError, match="exists"):
+        stream.convert_checkpoint_onnx(src, ["fuse-norm"], tmp_path / "out.onnx")
+    assert (tmp_path / "out.onnx.data").read_bytes() == b"keep"
+
+
+def test_cli_meta_onnx(tmp_path: Path) -> None:
+    from normrewrite.cli import main
+
+    model = _llama(causal=True)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    out = tmp_path / "out.onnx"
+    args = ["convert", str(src), "--meta", "-p", "fuse-norm", "-o", str(out)]
+    r = CliRunner().invoke(main, [*args, "-q"])
+    assert r.exit_code == 0, r.output
+    assert r.output == "" and out.is_file() and (tmp_path / "out.onnx.data").is_file()
+    ids = torch.randint(0, 100, (1, 16))
+    with torch.no_grad():
+        want = model(ids).logits.numpy()
+    got = _ort_logits(out, ids)
+    assert abs(got - want).max() <= 1e-5 * abs(want).max()
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "exists" in r.output
+    r = CliRunner().invoke(main, ["convert", str(src), "--meta", "-o", str(tmp_path / "x.pt2")])
+    assert r.exit_code != 0 and "--meta" in r.output
