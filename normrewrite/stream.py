@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from .errors import EmitError, LoadError, PassError, UsageError
-from .pass_infra import Pass, PassContext, PassManager, TensorRecipe
+from .pass_infra import Pass, PassContext, PassManager, PipelineResult, TensorRecipe
 
 # --------------------------------------------------------------------------- safetensors files
 
@@ -738,7 +738,6 @@ def convert_checkpoint(
 
     from .fsutil import atomic_dir, check_output
     from .passes import REGISTRY
-    from .trace import trace
 
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -757,16 +756,7 @@ def convert_checkpoint(
 
     bar = _Progress(progress, console)
     with bar:
-        bar.stage("tracing on the meta device")
-        gm = trace(module, inputs, tracer).graph_module  # type: ignore[arg-type]
-        seconds["trace"] = time.perf_counter() - t0
-        before = _snapshot(gm)
-        ctx = PassContext(example_inputs=inputs)
-        t1 = time.perf_counter()
-        result = PassManager(pipeline, before_pass=lambda p: bar.stage(f"pass {p.name} (on meta)"))(
-            gm, ctx
-        )
-        seconds["passes"] = time.perf_counter() - t1
+        before, result, ctx = _rewrite_on_meta(module, inputs, tracer, pipeline, bar, seconds, t0)
         plan = make_plan(before, result.graph_module, ctx.recipes, ckpt.keys(), keymap=keymap)
         changes = {
             run.pass_.describe(): [f"{c.target}: {c.detail}" for c in run.result.changes]
@@ -824,6 +814,34 @@ def convert_checkpoint(
         plan,
         {k: round(v, 3) for k, v in seconds.items()},
     )
+
+
+def _rewrite_on_meta(
+    module: nn.Module,
+    inputs: tuple[Any, ...],
+    tracer: Any,
+    pipeline: Sequence[Pass],
+    bar: _Progress,
+    seconds: dict[str, float],
+    t0: float,
+) -> tuple[nn.Module, PipelineResult, PassContext]:
+    """Trace on the meta device and run the passes: (graph before, pipeline result, context with
+    the recipe log)."""
+    import time
+
+    from .trace import trace
+
+    bar.stage("tracing on the meta device")
+    gm = trace(module, inputs, tracer).graph_module  # type: ignore[arg-type]
+    seconds["trace"] = time.perf_counter() - t0
+    before = _snapshot(gm)
+    ctx = PassContext(example_inputs=inputs)
+    t1 = time.perf_counter()
+    result = PassManager(pipeline, before_pass=lambda p: bar.stage(f"pass {p.name} (on meta)"))(
+        gm, ctx
+    )
+    seconds["passes"] = time.perf_counter() - t1
+    return before, result, ctx
 
 
 def _snapshot(gm: nn.Module) -> nn.Module:
@@ -1136,7 +1154,6 @@ def convert_checkpoint_onnx(
     )
     from .passes import ONNX_REGISTRY, REGISTRY
     from .safety import check_external_data
-    from .trace import trace
 
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -1167,16 +1184,7 @@ def convert_checkpoint_onnx(
     bar = _Progress(progress, console)
     notes: list[str] = []
     with bar:
-        bar.stage("tracing on the meta device")
-        gm = trace(module, inputs, tracer).graph_module  # type: ignore[arg-type]
-        seconds["trace"] = time.perf_counter() - t0
-        before = _snapshot(gm)
-        ctx = PassContext(example_inputs=inputs)
-        t1 = time.perf_counter()
-        result = PassManager(pipeline, before_pass=lambda p: bar.stage(f"pass {p.name} (on meta)"))(
-            gm, ctx
-        )
-        seconds["passes"] = time.perf_counter() - t1
+        before, result, ctx = _rewrite_on_meta(module, inputs, tracer, pipeline, bar, seconds, t0)
         rewritten = result.graph_module
         plan = make_plan(before, rewritten, ctx.recipes, ckpt.keys(), keymap=keymap)
         changes = {
