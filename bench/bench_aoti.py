@@ -24,7 +24,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,29 +31,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from models import resnet50  # noqa: E402
+from timing import time_interleaved  # noqa: E402
 
 import normrewrite  # noqa: E402
 from normrewrite.compile import load_package  # noqa: E402
 from normrewrite.verify import compare, run  # noqa: E402
-
-
-def timed_rounds(
-    fns: dict[str, Callable[[], Any]], rounds: int, warmup: int
-) -> dict[str, list[float]]:
-    names = list(fns)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    with torch.no_grad():
-        for r in range(warmup + rounds):
-            order = names[r % len(names) :] + names[: r % len(names)]
-            for n in order:
-                start = time.perf_counter()
-                fns[n]()
-                elapsed = time.perf_counter() - start
-                if r >= warmup:
-                    times[n].append(elapsed)
-    return times
 
 
 def main() -> None:
@@ -87,7 +71,7 @@ def main() -> None:
             "pt2": compare(reference, run(eager, (x,))).max_rel_err,
             "aoti.pt2": compare(reference, run(package, (x,))).max_rel_err,
         }
-        times = timed_rounds(
+        times = time_interleaved(
             {"pt2": lambda: eager(x), "aoti.pt2": lambda: package(x)}, args.rounds, args.warmup
         )
 

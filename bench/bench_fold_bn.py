@@ -38,8 +38,10 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from models import resnet50  # noqa: E402
+from timing import time_interleaved  # noqa: E402
 
 import normrewrite  # noqa: E402
 
@@ -61,23 +63,6 @@ def hand_fold(model: nn.Module) -> nn.Module:
 
 def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
     return float((out.double() - ref.double()).abs().max() / ref.double().abs().max())
-
-
-def time_interleaved(
-    fns: dict[str, Callable[[], Any]], rounds: int, warmup: int
-) -> dict[str, list[float]]:
-    names = list(fns)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    with torch.inference_mode():
-        for r in range(warmup + rounds):
-            order = names[r % len(names) :] + names[: r % len(names)]
-            for n in order:
-                start = time.perf_counter()
-                fns[n]()
-                elapsed = time.perf_counter() - start
-                if r >= warmup:
-                    times[n].append(elapsed)
-    return times
 
 
 def main() -> None:
