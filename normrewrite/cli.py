@@ -31,6 +31,8 @@ def _specs(values: tuple[str, ...]) -> list[InputSpec] | None:
 
 
 def _quiet_libraries() -> None:
+    """Library warnings, logs and progress bars stay out of normrewrite's own output."""
+    _silence_progress()
     warnings.filterwarnings("ignore")
     for name in ("torch", "torch.export", "torch.onnx", "onnxscript", "transformers", "torch._dynamo"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -38,7 +40,7 @@ def _quiet_libraries() -> None:
 
 
 def _silence_progress() -> None:
-    """--quiet: no third-party progress bars either (transformers' weight loading)."""
+    """No third-party progress bars (transformers' weight loading): normrewrite shows its own."""
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     tf = sys.modules.get("transformers")
     if tf is not None:
