@@ -101,6 +101,31 @@ def compute_tensors(
     ctx.recipes.append(TensorRecipe(tuple(outputs), tuple(inputs), fn, origin))
 
 
+def rewrite_each(
+    gm: GraphModule,
+    match: Callable[[Any], Any],
+    apply: Callable[[Any], Change],
+) -> PassResult:
+    """The usual pass driver: for every node still in the graph, in order, ``match(node)`` returns
+    None (not a candidate), a :class:`Skip` (a candidate left alone, with the reason) or a match
+    record, which ``apply`` rewrites and describes as a :class:`Change`."""
+    changes: list[Change] = []
+    skipped: list[Skip] = []
+    for node in list(gm.graph.nodes):
+        if node.graph is None:  # erased by an earlier rewrite
+            continue
+        found = match(node)
+        if found is None:
+            continue
+        if isinstance(found, Skip):
+            skipped.append(found)
+            continue
+        changes.append(apply(found))
+    if changes:
+        gm.recompile()
+    return PassResult(gm, bool(changes), changes, skipped)
+
+
 # --------------------------------------------------------------------------- options
 
 

@@ -69,6 +69,7 @@ from normrewrite.pass_infra import (
     Skip,
     TensorRecipe,
     compute_tensors,
+    rewrite_each,
 )
 
 # --------------------------------------------------------------------------- tensor math
@@ -396,26 +397,19 @@ class FoldBatchNorm(Pass):
     Options = FoldBatchNormOptions
 
     def call(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        changes: list[Change] = []
-        skipped: list[Skip] = []
-        usage = TensorUsage.of(gm)
-        for node in list(gm.graph.nodes):
-            if node.graph is None:  # erased by an earlier fold
-                continue
-            found = match(gm, node, usage, self.options.shared)
-            if found is None:
-                continue
-            if isinstance(found, NoMatch):
-                skipped.append(Skip(found.bn_label, found.reason))
-                continue
-            text = found.describe()
-            label = found.bn.label
+        usage = [TensorUsage.of(gm)]
+
+        def find(node: Node) -> FoldMatch | Skip | None:
+            found = match(gm, node, usage[0], self.options.shared)
+            return Skip(found.bn_label, found.reason) if isinstance(found, NoMatch) else found
+
+        def fold(found: FoldMatch) -> Change:
+            change = Change(found.bn.label, found.describe())
             apply(gm, found, ctx)
-            changes.append(Change(label, text))
-            usage = TensorUsage.of(gm)  # the fold added/removed tensors
-        if changes:
-            gm.recompile()
-        return PassResult(gm, bool(changes), changes, skipped)
+            usage[0] = TensorUsage.of(gm)  # the fold added/removed tensors
+            return change
+
+        return rewrite_each(gm, find, fold)
 
     def explain(self, gm: GraphModule, ctx: PassContext) -> dict[str, str]:
         usage = TensorUsage.of(gm)

@@ -39,7 +39,15 @@ from normrewrite.ops import (
     set_arg,
     set_bias,
 )
-from normrewrite.pass_infra import Change, Pass, PassContext, PassResult, Skip, compute_tensors
+from normrewrite.pass_infra import (
+    Change,
+    Pass,
+    PassContext,
+    PassResult,
+    Skip,
+    compute_tensors,
+    rewrite_each,
+)
 
 aten = torch.ops.aten
 
@@ -219,24 +227,19 @@ class FoldNormAffine(Pass):
     exact = True
 
     def call(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        changes: list[Change] = []
-        skipped: list[Skip] = []
-        usage = TensorUsage.of(gm)
-        for node in list(gm.graph.nodes):
-            if node.graph is None:
-                continue
-            found = match(gm, node, usage)
-            if found is None:
-                continue
-            if isinstance(found, NoMatch):
-                skipped.append(Skip(found.label, found.reason))
-                continue
-            changes.append(Change(found.norm.label, found.describe()))
+        usage = [TensorUsage.of(gm)]
+
+        def find(node: Node) -> AffineFold | Skip | None:
+            found = match(gm, node, usage[0])
+            return Skip(found.label, found.reason) if isinstance(found, NoMatch) else found
+
+        def fold(found: AffineFold) -> Change:
+            change = Change(found.norm.label, found.describe())
             apply(gm, found, ctx)
-            usage = TensorUsage.of(gm)
-        if changes:
-            gm.recompile()
-        return PassResult(gm, bool(changes), changes, skipped)
+            usage[0] = TensorUsage.of(gm)
+            return change
+
+        return rewrite_each(gm, find, fold)
 
     def explain(self, gm: GraphModule, ctx: PassContext) -> dict[str, str]:
         usage = TensorUsage.of(gm)

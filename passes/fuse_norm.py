@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from normrewrite.graph import erase_unused, flavour, get_tensor, node_dtype, node_label, node_shape
-from normrewrite.pass_infra import Change, Pass, PassContext, PassResult, Skip
+from normrewrite.pass_infra import Change, Pass, PassContext, PassResult, Skip, rewrite_each
 
 aten = torch.ops.aten
 
@@ -496,23 +496,16 @@ class FuseNorm(Pass):
     exact = True
 
     def call(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        changes: list[Change] = []
-        skipped: list[Skip] = []
-        for node in list(gm.graph.nodes):
-            if node.graph is None:
-                continue
+        def find(node: Node) -> NormPattern | Skip | None:
             found = match(gm, node)
-            if found is None:
-                continue
-            if isinstance(found, NoMatch):
-                skipped.append(Skip(found.label, found.reason))
-                continue
-            label, text = found.label, found.describe()
+            return Skip(found.label, found.reason) if isinstance(found, NoMatch) else found
+
+        def fuse(found: NormPattern) -> Change:
+            change = Change(found.label, f"fused {found.describe()}")
             apply(gm, found)
-            changes.append(Change(label, f"fused {text}"))
-        if changes:
-            gm.recompile()
-        return PassResult(gm, bool(changes), changes, skipped)
+            return change
+
+        return rewrite_each(gm, find, fuse)
 
     def explain(self, gm: GraphModule, ctx: PassContext) -> dict[str, str]:
         out: dict[str, str] = {}
