@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from checks import assert_streamed_equals_in_memory
 from models import randomize_norms
 from normrewrite.passes import REGISTRY, ApplyWeightNorm, RemoveWeightNorm
 from normrewrite.passes.apply_weight_norm import split_weight
@@ -188,19 +189,5 @@ def test_split_weight_reconstructs_w_per_output_channel() -> None:
 def test_streamed_conversion_equals_in_memory(passes: list[str], tmp_path: Any) -> None:
     """g, v (and the rescaled mean) are written through compute_tensors: replaying the recipes
     on the checkpoint (model traced on meta) gives the in-memory result bit for bit."""
-    from safetensors.torch import load_file, save_file
-
-    from normrewrite import stream
-
     model = net()
-    ckpt = tmp_path / "m.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
-    x = torch.randn(2, 3, 10, 10)
-    stream.convert_checkpoint(copy.deepcopy(model), passes, tmp_path / "out", checkpoint=ckpt,
-                              example_inputs=(x,), tracer="export")
-    got: dict[str, torch.Tensor] = {}
-    for f in (tmp_path / "out").glob("*.safetensors"):
-        got.update(load_file(str(f)))
-    want = normrewrite.convert(model, passes, (x,), tracer="export").graph_module.state_dict()
-    assert set(got) == set(want)
-    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert_streamed_equals_in_memory(model, passes, torch.randn(2, 3, 10, 10), tmp_path)

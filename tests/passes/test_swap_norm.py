@@ -23,6 +23,7 @@ import models
 import pytest
 import torch
 import torch.nn.functional as F
+from checks import assert_streamed_equals_in_memory
 from models import randomize_norms
 from normrewrite.passes import REGISTRY, SwapNorm
 from normrewrite.passes.swap_norm import default_groups
@@ -535,19 +536,5 @@ class Mixed(nn.Module):
 def test_streamed_conversion_equals_in_memory(passes: list[str], tmp_path: Any) -> None:
     """Every tensor the swaps write goes through compute_tensors: replaying the recipes on the
     checkpoint (model traced on meta) gives the in-memory result bit for bit."""
-    from safetensors.torch import load_file, save_file
-
-    from normrewrite import stream
-
     model = randomize_norms(Mixed()).eval()
-    ckpt = tmp_path / "m.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
-    x = torch.randn(2, 3, 10, 10)
-    stream.convert_checkpoint(copy.deepcopy(model), passes, tmp_path / "out", checkpoint=ckpt,
-                              example_inputs=(x,), tracer="export")
-    got: dict[str, torch.Tensor] = {}
-    for f in (tmp_path / "out").glob("*.safetensors"):
-        got.update(load_file(str(f)))
-    want = normrewrite.convert(model, passes, (x,), tracer="export").graph_module.state_dict()
-    assert set(got) == set(want)
-    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert_streamed_equals_in_memory(model, passes, torch.randn(2, 3, 10, 10), tmp_path)
