@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import models
 import pytest
 import torch
 from torch import nn
@@ -122,16 +123,9 @@ def _cases(tmp: Path) -> list[dict]:
         f.write_bytes(data)
         cases.append({"name": f"safetensors {name}", "kind": "safetensors", "args": [str(f)]})
 
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-    )
+    pytest.importorskip("transformers")
     hf = tmp / "hf"
-    transformers.BertModel(cfg).save_pretrained(hf)
+    models.bert(layers=1, hidden=16).save_pretrained(hf)
     st = (hf / "model.safetensors").read_bytes()
     conf = (hf / "config.json").read_bytes()
     for target, raw_, n in (("model.safetensors", st, 6), ("config.json", conf, 6)):

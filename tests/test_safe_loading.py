@@ -12,6 +12,7 @@ import struct
 import zipfile
 from pathlib import Path
 
+import models
 import numpy as np
 import pytest
 import torch
@@ -175,16 +176,8 @@ def test_clean_pt2_passes_the_check(pt2_file: Path) -> None:
 
 
 def test_hf_remote_code_refused_and_offline(tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-    )
-    model = transformers.BertModel(cfg)
-    model.save_pretrained(tmp_path / "bert")
+    pytest.importorskip("transformers")
+    _hf_dir(tmp_path / "bert")
     conf = json.loads((tmp_path / "bert" / "config.json").read_text())
     conf["auto_map"] = {"AutoModel": "modeling_evil.EvilModel"}
     (tmp_path / "bert" / "config.json").write_text(json.dumps(conf))
@@ -302,15 +295,8 @@ def _patch_central_size(src: Path, dest: Path, size: int) -> None:
 
 
 def _hf_dir(d: Path) -> Path:
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-    )
-    transformers.BertModel(cfg).save_pretrained(d)
+    pytest.importorskip("transformers")
+    models.bert(layers=1, hidden=16).save_pretrained(d)
     return d
 
 
