@@ -37,7 +37,7 @@ from models import resnet50  # noqa: E402
 from timing import time_interleaved  # noqa: E402
 
 import normrewrite  # noqa: E402
-from normrewrite.compile import load_package  # noqa: E402
+from normrewrite.emit.aoti import load_package  # noqa: E402
 from normrewrite.verify import compare, run  # noqa: E402
 
 

@@ -129,7 +129,7 @@ def verify_sample(src: Path, out: Path, passes: list[str], n: int, seed: int = 0
     from safetensors import safe_open
 
     from normrewrite import stream
-    from normrewrite.pass_infra import PassContext, PassManager
+    from normrewrite.core.pass_infra import PassContext, PassManager
     from normrewrite.trace import trace
 
     ckpt = stream.Checkpoint(src)

@@ -37,7 +37,7 @@ def parity(src: Path, model: Path, seq: int = 16) -> dict:  # the static export 
     import onnxruntime as ort
     import transformers
 
-    from normrewrite.safety import check_external_data
+    from normrewrite.load.safety import check_external_data
 
     check_external_data(model)
     g = torch.Generator().manual_seed(0)
@@ -111,7 +111,7 @@ def main() -> None:
     data = out / "model.onnx.data"
     print("verifying with onnxruntime ...", flush=True)
     if args.skip_parity:
-        from normrewrite.safety import check_external_data
+        from normrewrite.load.safety import check_external_data
 
         check_external_data(dest)
         check = {"skipped": "--skip-parity (onnx.checker full check passed during the conversion)"}

@@ -7,14 +7,16 @@ Library API::
     result.graph_module, result.report
 
 Layers: :mod:`~normrewrite.load` → :mod:`~normrewrite.trace` → passes
-(:mod:`~normrewrite.pass_infra`, :mod:`normrewrite.passes`) → :mod:`~normrewrite.verify` →
+(:mod:`~normrewrite.core.pass_infra`, :mod:`normrewrite.passes`) → :mod:`~normrewrite.verify` →
 :mod:`~normrewrite.emit`; :mod:`~normrewrite.cli` is a thin shell over :mod:`~normrewrite.api`.
 """
 
 __version__ = "0.1.0"
 
-from .api import ConvertResult, InspectResult, convert, inspect, prepare
-from .errors import (
+from normrewrite.analysis.scale_invariance import param_groups, scale_invariant_params
+from normrewrite.api import ConvertResult, InspectResult, convert, inspect, prepare
+from normrewrite.core.pass_infra import Change, Pass, PassContext, PassManager, PassResult, Skip
+from normrewrite.errors import (
     EmitError,
     LoadError,
     NormRewriteError,
@@ -23,9 +25,7 @@ from .errors import (
     UsageError,
     VerifyError,
 )
-from .pass_infra import Change, Pass, PassContext, PassManager, PassResult, Skip
-from .passes import REGISTRY
-from .scale_invariance import param_groups, scale_invariant_params
+from normrewrite.passes import REGISTRY
 
 __all__ = [
     "REGISTRY",

@@ -22,17 +22,17 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from . import emit as _emit
-from .errors import UsageError, VerifyError
-from .graph import count_ops, node_label
-from .inputs import InputSpec, as_tuple, describe
-from .load import LoadedModel, load
-from .ops import norms
-from .pass_infra import Pass, PassContext, PassManager, PassResult
-from .passes import REGISTRY
-from .report import OutputReport, PassReport, Report, VerifyReport
-from .trace import Tracer, on_meta, trace
-from .verify import compare, run
+from normrewrite import emit as _emit
+from normrewrite.core.graph import count_ops, node_label
+from normrewrite.core.ops import norms
+from normrewrite.core.pass_infra import Pass, PassContext, PassManager, PassResult
+from normrewrite.errors import UsageError, VerifyError
+from normrewrite.load import LoadedModel, load
+from normrewrite.load.inputs import InputSpec, as_tuple, describe
+from normrewrite.passes import REGISTRY
+from normrewrite.report import OutputReport, PassReport, Report, VerifyReport
+from normrewrite.trace import Tracer, on_meta, trace
+from normrewrite.verify import compare, run
 
 ModelLike = str | os.PathLike[str] | nn.Module | LoadedModel
 
@@ -56,7 +56,7 @@ class NormEntry:
     affine: bool
     node: str
     actions: dict[str, str] = field(default_factory=dict)
-    placement: str = "other"  # pre / post / sandwich / final / other (normrewrite.residual)
+    placement: str = "other"  # pre / post / sandwich / final / other (normrewrite.analysis.residual)
     block: str | None = None  # the residual branch it belongs to (module path)
 
 
@@ -67,7 +67,7 @@ class InspectResult:
     inputs: list[str]
     norms: list[NormEntry]
     nodes: int
-    # normrewrite.scale_invariance: summary, scale_invariant, undecided, not_invariant, norm_params
+    # normrewrite.analysis.scale_invariance: summary, scale_invariant, undecided, not_invariant, norm_params
     scale_invariance: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -94,7 +94,7 @@ def _load(
         if example_inputs is None:
             if not input_specs:
                 raise UsageError("example_inputs are needed to trace an nn.Module")
-            from .inputs import make_inputs
+            from normrewrite.load.inputs import make_inputs
 
             example_inputs = make_inputs(input_specs, seed)
         return LoadedModel(model, as_tuple(example_inputs), "module", type(model).__name__)
@@ -136,7 +136,7 @@ def prepare(
     loaded = _load(model, example_inputs, input_specs, trust_remote_code, seed, trust_pickle)
     notes = list(loaded.notes)
     if loaded.exported is not None:
-        from .trace import exported_module
+        from normrewrite.trace import exported_module
 
         return loaded, exported_module(loaded.exported), "pt2", notes
     training = _training_modules(loaded.module)
@@ -179,7 +179,7 @@ def convert(
 
     ``compile="aoti"`` writes every ``.pt2`` output as an AOTInductor package for ``device``
     (``"cpu"`` or ``"cuda"``); outputs named ``*.aoti.pt2`` are packages regardless
-    (:mod:`normrewrite.compile`).
+    (:mod:`normrewrite.emit.aoti`).
 
     Raises :class:`~normrewrite.errors.VerifyError` (and writes nothing) when an exact pipeline
     changes the outputs by more than ``rtol`` relative to the largest output magnitude.
@@ -195,13 +195,13 @@ def convert(
         raise UsageError("rtol must be positive")
     out_paths = [Path(o) for o in outputs]
     formats = [_emit.output_format(p) for p in out_paths]
-    from .compile import check_compile_options, output_formats
+    from normrewrite.emit.aoti import check_compile_options, output_formats
 
     check_compile_options(compile, device)
     formats = output_formats(out_paths, formats, compile)
     src = Path(os.fspath(model)) if isinstance(model, str | os.PathLike) else None
     for p in out_paths:
-        from .fsutil import check_output
+        from normrewrite.emit.files import check_output
 
         check_output(p, force=force, inputs=(src,) if src else ())
 
@@ -213,7 +213,7 @@ def convert(
             model = _load(model, example_inputs, input_specs, trust_remote_code, seed, trust_pickle)
             reference32 = _cast_model(model, onnx_opts)
             example_inputs = model.example_inputs
-            from .onnx_io import DTYPE_RTOL
+            from normrewrite.onnx_io import DTYPE_RTOL
 
             rtol = max(rtol, DTYPE_RTOL[onnx_opts.dtype])  # the torch-side checks run in that dtype too
         loaded, gm, tracer_used, notes = prepare(
@@ -279,7 +279,7 @@ def convert(
 
     conv = ConvertResult(gm, report, loaded.module, inputs)
     if out_paths:
-        from .fsutil import undo_on_failure
+        from normrewrite.emit.files import undo_on_failure
 
         with _timed(timings, "emit"), undo_on_failure(out_paths):
             stage("exporting the rewritten model")
@@ -294,7 +294,7 @@ def convert(
                                                       onnx_opts, loaded.module))
                     continue
                 if fmt == "aoti":
-                    from .compile import write_aoti
+                    from normrewrite.emit.aoti import write_aoti
 
                     report.outputs.append(write_aoti(ep, path, inputs, device=device, reference=reference,
                                                      rtol=rtol, exact=report.exact, timings=timings))
@@ -333,7 +333,7 @@ def _write(
 
 
 def _onnx_options(options: Any, opset: int | None) -> Any:
-    from .onnx_io import OnnxOptions
+    from normrewrite.onnx_io import OnnxOptions
 
     if options is None:
         return OnnxOptions(opset=opset)
@@ -399,9 +399,9 @@ def _write_onnx(
     options: Any,
     module: nn.Module,
 ) -> OutputReport:
-    from .errors import EmitError
-    from .onnx_io import DTYPE_RTOL, OnnxContext, emit
-    from .passes import ONNX_REGISTRY
+    from normrewrite.errors import EmitError
+    from normrewrite.onnx_io import DTYPE_RTOL, OnnxContext, emit
+    from normrewrite.passes import ONNX_REGISTRY
 
     training = [n for n, m in module.named_modules() if m.training and isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if training:
@@ -446,9 +446,9 @@ def _convert_onnx(
     stage: Callable[[str], None],
 ) -> ConvertResult:
     """ONNX in → ONNX out: the ONNX forms of the passes (``passes.ONNX_REGISTRY``), no torch."""
-    from .fsutil import check_output
-    from .onnx_io import convert_model
-    from .passes import ONNX_REGISTRY
+    from normrewrite.emit.files import check_output
+    from normrewrite.onnx_io import convert_model
+    from normrewrite.passes import ONNX_REGISTRY
 
     pipeline = [p if isinstance(p, Pass) else ONNX_REGISTRY.create(p) for p in passes]
     out_paths = [Path(o) for o in outputs]
@@ -497,12 +497,12 @@ def inspect(
             continue
         for node_name, text in pass_.explain(gm, ctx).items():
             actions.setdefault(node_name, {})[cls.name] = text
-    from .residual import norm_placements
+    from normrewrite.analysis.residual import norm_placements
 
     placed = {p.norm.node: p for p in norm_placements(gm)}
     entries = []
     for info in norms(gm):
-        from .graph import node_shape
+        from normrewrite.core.graph import node_shape
 
         shape = node_shape(info.node)
         entries.append(
@@ -515,7 +515,7 @@ def inspect(
                 block=placed[info.node].block if info.node in placed else None,
             )
         )
-    from .scale_invariance import analyze
+    from normrewrite.analysis.scale_invariance import analyze
 
     si = analyze(gm)
     return InspectResult(loaded.description, tracer_used, describe(loaded.example_inputs), entries,
@@ -525,7 +525,7 @@ def inspect(
 def _inspect_onnx(path: Path) -> InspectResult:
     """``inspect`` of an ONNX model: its norm ops, their placement, and what the ONNX passes
     could do (BatchNorms to fold, decomposed norms to fuse)."""
-    from .onnx_io import (
+    from normrewrite.onnx_io import (
         OnnxContext,
         const_array,
         count_nodes,
@@ -534,7 +534,7 @@ def _inspect_onnx(path: Path) -> InspectResult:
         norm_nodes,
         placement,
     )
-    from .passes import ONNX_REGISTRY
+    from normrewrite.passes import ONNX_REGISTRY
 
     model = load_onnx(path)
     ctx = OnnxContext(opset=model_opset(model))

@@ -22,8 +22,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from .errors import NormRewriteError
-from .inputs import InputSpec
+from normrewrite.errors import NormRewriteError
+from normrewrite.load.inputs import InputSpec
 
 
 def _specs(values: tuple[str, ...]) -> list[InputSpec] | None:
@@ -163,20 +163,20 @@ def convert(
     err = Console(stderr=True, quiet=quiet, highlight=False)
 
     def go() -> None:
-        from . import api
-        from .report import render
+        from normrewrite import api
+        from normrewrite.report import render
 
         if report_path:
-            from .fsutil import check_output
+            from normrewrite.emit.files import check_output
 
             check_output(Path(report_path), force=force, inputs=(Path(model),))
         specs = _specs(inputs)
         passes = list(pass_specs) or ["fold-bn"]
         for spec in passes:  # fail fast on bad pass names/options, before loading anything
-            from .passes import ONNX_REGISTRY, REGISTRY
+            from normrewrite.passes import ONNX_REGISTRY, REGISTRY
 
             (ONNX_REGISTRY if model.endswith(".onnx") else REGISTRY).create(spec)
-        from .onnx_io import OnnxOptions
+        from normrewrite.onnx_io import OnnxOptions
 
         onnx_options = OnnxOptions(opset=opset, target=onnx_target, dynamic=dynamic,  # type: ignore[arg-type]
                                    dtype=onnx_dtype, keep_io_types=keep_io_types)
@@ -202,7 +202,7 @@ def convert(
             )
         render(result.report, out)
         if report_path:
-            from .fsutil import atomic_file
+            from normrewrite.emit.files import atomic_file
 
             with atomic_file(Path(report_path)) as tmp:
                 tmp.write_text(json.dumps(result.report.to_json(), indent=2, default=str))
@@ -213,8 +213,8 @@ def convert(
 def _stream(model: str, passes: list[str], outputs: tuple[str, ...], *, force: bool,
             max_shard_size: int, trust_remote_code: bool, err: Console, out: Console,
             onnx_options: Any = None) -> None:
-    from .errors import UsageError
-    from .stream import convert_checkpoint, convert_checkpoint_onnx
+    from normrewrite.errors import UsageError
+    from normrewrite.stream import convert_checkpoint, convert_checkpoint_onnx
 
     if len(outputs) != 1 or Path(outputs[0]).suffix == ".pt2":
         raise UsageError("--meta writes sharded safetensors (-o OUT_DIR/) or ONNX with external data "
@@ -252,7 +252,7 @@ def inspect(model: str, inputs: tuple[str, ...], tracer: str, as_json: bool,
         _quiet_libraries()
 
     def go() -> None:
-        from . import api
+        from normrewrite import api
 
         result = api.inspect(model, input_specs=_specs(inputs), tracer=tracer,
                              trust_remote_code=trust_remote_code, trust_pickle=trust_pickle)
@@ -290,7 +290,7 @@ def inspect(model: str, inputs: tuple[str, ...], tracer: str, as_json: bool,
 @main.command("passes")
 def list_passes() -> None:
     """List the available passes, one line each."""
-    from .passes import REGISTRY
+    from normrewrite.passes import REGISTRY
 
     console = Console(highlight=False)
     table = Table(show_header=True)

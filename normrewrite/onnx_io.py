@@ -1,7 +1,7 @@
 """ONNX models as pass inputs and outputs: loading, the ONNX pass base class, writing, validation.
 
 normrewrite runs the same named passes (``fold-bn``, ``fuse-norm``) on torch graphs and on ONNX
-models. An ONNX pass is a :class:`OnnxPass`: a :class:`~normrewrite.pass_infra.Pass` whose
+models. An ONNX pass is a :class:`OnnxPass`: a :class:`~normrewrite.core.pass_infra.Pass` whose
 ``call(model, ctx)`` takes and returns an ``onnx_ir.Model`` (edited in place) and reports an
 :class:`OnnxPassResult` with the same ``changes`` / ``skipped`` records as a torch pass. The ONNX
 forms are registered under the torch pass's name in ``normrewrite.passes.ONNX_REGISTRY``, so
@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
-from .errors import EmitError, LoadError, PassError
-from .pass_infra import Change, Pass, PassContext, Skip
+from normrewrite.core.pass_infra import Change, Pass, PassContext, Skip
+from normrewrite.errors import EmitError, LoadError, PassError
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -98,7 +98,7 @@ def load_onnx(path: str | os.PathLike[str]) -> ir.Model:
         raise LoadError(f"{p}: a zip archive (a .pt2 program?), not an ONNX model")
     if head[:1] != b"\x08":  # every ModelProto starts with field 1 (ir_version), varint
         raise LoadError(f"{p}: not an ONNX model (bad leading bytes {head!r})")
-    from .safety import check_external_data
+    from normrewrite.load.safety import check_external_data
 
     check_external_data(p)  # locations must stay inside the model's directory (see safety.py)
     try:
@@ -591,7 +591,7 @@ class OnnxOptions:
     external_data_threshold: int = TWO_GB
 
     def __post_init__(self) -> None:
-        from .errors import UsageError
+        from normrewrite.errors import UsageError
 
         if self.target not in ("standard", "ort"):
             raise UsageError(f"--onnx-target must be standard or ort, not {self.target!r}")
@@ -846,7 +846,7 @@ class OnnxEmitted:
 def _ort_outputs(path: Path, inputs: Sequence[Any]) -> list[Any]:
     import torch
 
-    from .verify import tensor_leaves
+    from normrewrite.verify import tensor_leaves
 
     sess = session(path)
     leaves = tensor_leaves(tuple(inputs))
@@ -882,7 +882,7 @@ def emit(
     the ONNX passes), write atomically, validate, and compare in onnxruntime with ``reference``
     (the original's outputs); with ``--dynamic`` also run ``module`` and the ONNX model at a
     shape other than the example's. ``check(comparison)`` may reject before the rename."""
-    from .verify import compare, run
+    from normrewrite.verify import compare, run
 
     opset = options.resolved_opset
     model = export_onnx(ep, opset, dynamic=options.dynamic)
@@ -978,8 +978,8 @@ def convert_model(
     """Load ``src``, run the ONNX passes, compare the result with the input model in onnxruntime
     (graph optimizations off, so its own fusions cannot hide a bug) and write each output.
     Returns (model, :class:`~normrewrite.report.Report`)."""
-    from .errors import UsageError, VerifyError
-    from .report import OutputReport, PassReport, Report, VerifyReport
+    from normrewrite.errors import UsageError, VerifyError
+    from normrewrite.report import OutputReport, PassReport, Report, VerifyReport
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

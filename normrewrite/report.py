@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .pass_infra import Change, Skip
+from normrewrite.core.pass_infra import Change, Skip
 
 
 @dataclass

@@ -7,7 +7,7 @@ result actually runs on the example inputs; where it fails — every Hugging Fac
 
 The traced module never shares mutable state with the caller's model: symbolic_trace works on a
 deep copy; torch.export's module holds the same tensors, which passes never write into (they only
-rebind names, see :func:`normrewrite.graph.set_tensor`).
+rebind names, see :func:`normrewrite.core.graph.set_tensor`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import TraceError
+from normrewrite.errors import TraceError
 
 Tracer = Literal["auto", "fx", "export"]
 

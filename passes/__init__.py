@@ -3,7 +3,7 @@
 A test keeps this registry, the files in this folder and the README's pass table in sync.
 """
 
-from normrewrite.pass_infra import PassRegistry
+from normrewrite.core.pass_infra import PassRegistry
 
 from .apply_weight_norm import ApplyWeightNorm
 from .fix_export import FixExport

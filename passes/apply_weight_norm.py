@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
-from normrewrite.graph import (
+from normrewrite.core.graph import (
     TensorUsage,
     erase_unused,
     flavour,
@@ -44,7 +44,7 @@ from normrewrite.graph import (
     node_shape,
     replace_with_holder,
 )
-from normrewrite.ops import (
+from normrewrite.core.ops import (
     ConvInfo,
     LinearInfo,
     NormInfo,
@@ -55,7 +55,7 @@ from normrewrite.ops import (
     linear_info,
     set_arg,
 )
-from normrewrite.pass_infra import Change, Pass, PassContext, PassResult, Skip, compute_tensors
+from normrewrite.core.pass_infra import Change, Pass, PassContext, PassResult, Skip, compute_tensors
 
 from .fold_bn import bn_affine
 

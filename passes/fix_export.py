@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from normrewrite.pass_infra import Change, NoOptions, Pass, PassContext, PassResult, Skip
+from normrewrite.core.pass_infra import Change, NoOptions, Pass, PassContext, PassResult, Skip
 
 _VIEW_TARGETS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
 

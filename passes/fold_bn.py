@@ -42,14 +42,14 @@ import torch
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
-from normrewrite.graph import (
+from normrewrite.core.graph import (
     TensorUsage,
     add_parameter,
     erase_unused,
     get_tensor,
     node_shape,
 )
-from normrewrite.ops import (
+from normrewrite.core.ops import (
     ConvInfo,
     LinearInfo,
     NormInfo,
@@ -61,7 +61,7 @@ from normrewrite.ops import (
     set_arg,
     set_bias,
 )
-from normrewrite.pass_infra import (
+from normrewrite.core.pass_infra import (
     Change,
     Pass,
     PassContext,

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
-from normrewrite.graph import TensorUsage, erase_unused, get_tensor, node_shape
-from normrewrite.ops import (
+from normrewrite.core.graph import TensorUsage, erase_unused, get_tensor, node_shape
+from normrewrite.core.ops import (
     DenseInfo,
     NormInfo,
     dense_info,
@@ -39,7 +39,7 @@ from normrewrite.ops import (
     set_arg,
     set_bias,
 )
-from normrewrite.pass_infra import (
+from normrewrite.core.pass_infra import (
     Change,
     Pass,
     PassContext,

@@ -40,8 +40,15 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from normrewrite.graph import erase_unused, flavour, get_tensor, node_dtype, node_label, node_shape
-from normrewrite.pass_infra import Change, Pass, PassContext, PassResult, Skip, rewrite_each
+from normrewrite.core.graph import (
+    erase_unused,
+    flavour,
+    get_tensor,
+    node_dtype,
+    node_label,
+    node_shape,
+)
+from normrewrite.core.pass_infra import Change, Pass, PassContext, PassResult, Skip, rewrite_each
 
 aten = torch.ops.aten
 

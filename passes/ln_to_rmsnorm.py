@@ -16,7 +16,7 @@ zero-mean and each LayerNorm becomes an RMSNorm with the same ε. Finally γ/β 
 linear layers that read the norm (``fold-norm-affine``; option ``fold``) or, where the norm feeds
 anything else (the final norm's output is the model output), kept as ``RMSNorm(x; γ) + β``.
 
-Preconditions, checked on the graph (:func:`normrewrite.residual_stream.residual_streams`), per
+Preconditions, checked on the graph (:func:`normrewrite.analysis.residual_stream.residual_streams`), per
 stream; a stream that fails one keeps its LayerNorms and the report gives the reason:
 
 * the stream is read only through LayerNorms over its features (Pre-LN; a Post-LN model such as
@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
-from normrewrite.graph import (
+from normrewrite.analysis.residual_stream import ResidualStream, StreamWriter, residual_streams
+from normrewrite.core.graph import (
     TensorUsage,
     add_parameter,
     erase_unused,
@@ -50,9 +51,8 @@ from normrewrite.graph import (
     get_tensor,
     node_label,
 )
-from normrewrite.ops import NormInfo, norm_info
-from normrewrite.pass_infra import Change, Pass, PassContext, PassResult, Skip, compute_tensors
-from normrewrite.residual_stream import ResidualStream, StreamWriter, residual_streams
+from normrewrite.core.ops import NormInfo, norm_info
+from normrewrite.core.pass_infra import Change, Pass, PassContext, PassResult, Skip, compute_tensors
 
 from .fold_norm_affine import AffineFold, fold_into_layers
 from .fold_norm_affine import match as match_affine

@@ -27,6 +27,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from normrewrite.core.pass_infra import Change, Skip
 from normrewrite.onnx_io import (
     OnnxContext,
     OnnxPass,
@@ -38,7 +39,6 @@ from normrewrite.onnx_io import (
     private_initializer,
     set_initializer,
 )
-from normrewrite.pass_infra import Change, Skip
 
 from .fold_bn import FoldBatchNormOptions, bn_affine, fold_input, fold_output
 

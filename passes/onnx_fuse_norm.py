@@ -31,6 +31,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchResult
 
+from normrewrite.core.pass_infra import Change, Skip
 from normrewrite.onnx_io import (
     OnnxContext,
     OnnxPass,
@@ -41,7 +42,6 @@ from normrewrite.onnx_io import (
     infer_shapes,
     model_opset,
 )
-from normrewrite.pass_infra import Change, Skip
 
 FLOATS = frozenset(
     {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}

@@ -56,10 +56,10 @@ from torch import Tensor
 from torch.fx import GraphModule, Interpreter, Node
 from torch.utils import _pytree as pytree
 
+from normrewrite.core.graph import get_tensor, has_tensor, is_bookkeeping
+from normrewrite.core.ops import NormInfo, batchnorm_info
+from normrewrite.core.pass_infra import Change, Pass, PassContext, PassResult, Skip, compute_tensors
 from normrewrite.errors import PassError, UsageError
-from normrewrite.graph import get_tensor, has_tensor, is_bookkeeping
-from normrewrite.ops import NormInfo, batchnorm_info
-from normrewrite.pass_infra import Change, Pass, PassContext, PassResult, Skip, compute_tensors
 
 aten = torch.ops.aten
 

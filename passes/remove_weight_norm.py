@@ -37,7 +37,7 @@ from torch.fx import GraphModule, Node
 from torch.nn.utils import parametrize
 from torch.nn.utils.weight_norm import WeightNorm
 
-from normrewrite.graph import (
+from normrewrite.core.graph import (
     constant_fqn,
     erase_unused,
     get_tensor,
@@ -45,8 +45,8 @@ from normrewrite.graph import (
     node_label,
     set_tensor,
 )
-from normrewrite.ops import call_args
-from normrewrite.pass_infra import (
+from normrewrite.core.ops import call_args
+from normrewrite.core.pass_infra import (
     Change,
     Pass,
     PassContext,

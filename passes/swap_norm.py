@@ -57,8 +57,7 @@ import torch
 from torch import Tensor
 from torch.fx import GraphModule, Interpreter, Node
 
-from normrewrite.errors import PassError, UsageError
-from normrewrite.graph import (
+from normrewrite.core.graph import (
     TensorUsage,
     erase_unused,
     flavour,
@@ -68,8 +67,9 @@ from normrewrite.graph import (
     node_shape,
     replace_with_holder,
 )
-from normrewrite.ops import NormInfo, emit_norm, emit_op, norm_info
-from normrewrite.pass_infra import Change, Pass, PassContext, PassResult, Skip, compute_tensors
+from normrewrite.core.ops import NormInfo, emit_norm, emit_op, norm_info
+from normrewrite.core.pass_infra import Change, Pass, PassContext, PassResult, Skip, compute_tensors
+from normrewrite.errors import PassError, UsageError
 from normrewrite.verify import tensor_leaves
 
 from .fold_bn import bn_affine

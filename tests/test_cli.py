@@ -21,11 +21,11 @@ from normrewrite.passes import REGISTRY
 from torch import nn
 
 from normrewrite.cli import main
+from normrewrite.core.graph import get_tensor
+from normrewrite.core.ops import conv_info
+from normrewrite.core.pass_infra import Pass, PassContext, PassResult, compute_tensors
 from normrewrite.errors import VerifyError
-from normrewrite.graph import get_tensor
-from normrewrite.inputs import InputSpec, make_inputs
-from normrewrite.ops import conv_info
-from normrewrite.pass_infra import Pass, PassContext, PassResult, compute_tensors
+from normrewrite.load.inputs import InputSpec, make_inputs
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_cnn.py"
 

@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from normrewrite.cli import main
-from normrewrite.compile import check_compile_options, is_aoti_output, output_formats
+from normrewrite.emit.aoti import check_compile_options, is_aoti_output, output_formats
 from normrewrite.errors import EmitError, UsageError
 
 FACTORY = """

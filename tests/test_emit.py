@@ -16,8 +16,8 @@ from torch import nn
 
 import normrewrite
 from normrewrite import emit
+from normrewrite.emit.files import atomic_dir, atomic_file, check_output
 from normrewrite.errors import EmitError
-from normrewrite.fsutil import atomic_dir, atomic_file, check_output
 
 
 class Net(nn.Module):

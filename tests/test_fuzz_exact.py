@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from normrewrite.passes import REGISTRY
 from torch import nn
 
-from normrewrite.pass_infra import Pass, PassContext
+from normrewrite.core.pass_infra import Pass, PassContext
 from normrewrite.trace import trace
 
 EXAMPLES = int(os.environ.get("NR_FUZZ_EXAMPLES", "0")) or None

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from normrewrite.errors import UsageError
-from normrewrite.inputs import InputSpec, as_tuple, describe, make_inputs
+from normrewrite.load.inputs import InputSpec, as_tuple, describe, make_inputs
 
 
 @pytest.mark.parametrize(

@@ -17,10 +17,10 @@ from torch import nn
 
 import normrewrite
 from normrewrite import stream
+from normrewrite.core.graph import get_tensor
+from normrewrite.core.ops import linear_info, set_bias
+from normrewrite.core.pass_infra import Change, Pass, PassContext, PassResult, compute_tensors
 from normrewrite.errors import LoadError, PassError
-from normrewrite.graph import get_tensor
-from normrewrite.ops import linear_info, set_bias
-from normrewrite.pass_infra import Change, Pass, PassContext, PassResult, compute_tensors
 
 transformers = pytest.importorskip("transformers")
 
@@ -259,7 +259,7 @@ def test_pass_without_recipe_is_refused(tmp_path: Path) -> None:
         summary = "edits a weight behind compute_tensors' back"
 
         def call(self, gm, ctx):
-            from normrewrite.graph import set_tensor
+            from normrewrite.core.graph import set_tensor
 
             set_tensor(gm, "norm.weight", torch.ones(32, device="meta"))
             return PassResult(gm, True)
@@ -354,7 +354,7 @@ def test_meta_onnx_equals_in_memory_onnx(tmp_path: Path, tie: bool) -> None:
     import numpy as np
     import onnx
 
-    from normrewrite.safety import check_external_data
+    from normrewrite.load.safety import check_external_data
 
     passes = ["fuse-norm", "fold-norm-affine"]
     if not all(p in normrewrite.REGISTRY for p in passes):

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from normrewrite.errors import LoadError
-from normrewrite.inputs import InputSpec
 from normrewrite.load import load
+from normrewrite.load.inputs import InputSpec
 
 FACTORY = """
 import torch

@@ -225,7 +225,7 @@ def test_interrupted_streamed_write_leaves_nothing(
 
 
 def test_atomic_file_cleans_up_on_error(tmp_path: Path) -> None:
-    from normrewrite.fsutil import atomic_dir, atomic_file
+    from normrewrite.emit.files import atomic_dir, atomic_file
 
     dest = tmp_path / "x.bin"
     with pytest.raises(RuntimeError), atomic_file(dest) as tmp:

@@ -16,9 +16,8 @@ from torch import nn
 from torch.fx import GraphModule
 
 import normrewrite
-from normrewrite.errors import PassError, UsageError
-from normrewrite.graph import get_tensor
-from normrewrite.pass_infra import (
+from normrewrite.core.graph import get_tensor
+from normrewrite.core.pass_infra import (
     Change,
     Pass,
     PassContext,
@@ -27,6 +26,7 @@ from normrewrite.pass_infra import (
     compute_tensors,
     parse_pass_spec,
 )
+from normrewrite.errors import PassError, UsageError
 from normrewrite.trace import trace
 
 # --------------------------------------------------------------------------- options

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import normrewrite.passes as passes_pkg
 
-from normrewrite.pass_infra import Pass, PassRegistry
+from normrewrite.core.pass_infra import Pass, PassRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 README_ROW = re.compile(r"^\|\s*`([^`]+)`\s*\|", re.MULTILINE)
@@ -35,18 +35,27 @@ def defined_passes(module: object) -> set[type[Pass]]:
     }
 
 
-def test_every_pass_module_registers_exactly_the_passes_it_defines() -> None:
-    files = sorted(p.stem for p in (ROOT / "passes").glob("*.py") if p.stem != "__init__")
-    assert "fold_bn" in files
+def pass_homes() -> list[str]:
+    """Each rewrite's home in passes/: a module ``x.py`` or a package ``x/``."""
+    here = ROOT / "passes"
+    modules = [p.stem for p in here.glob("*.py") if p.stem != "__init__"]
+    packages = [p.name for p in here.iterdir() if (p / "__init__.py").is_file()]
+    return sorted(modules + packages)
+
+
+def test_every_pass_home_registers_exactly_the_passes_it_defines() -> None:
+    homes = pass_homes()
+    assert "fold_bn" in homes and "post_to_pre" in homes
     all_registered = registered()
-    for stem in files:
+    for stem in homes:
         module = importlib.import_module(f"normrewrite.passes.{stem}")
         defined = defined_passes(module)
-        assert defined, f"passes/{stem}.py defines no pass"
+        assert defined, f"passes/{stem} defines no pass"
         mine = {c for c in all_registered if c.__module__ == module.__name__}
-        assert mine == defined, f"passes/{stem}.py: defined {defined}, registered {mine}"
+        assert mine == defined, f"passes/{stem}: defined {defined}, registered {mine}"
     # and nothing registered comes from outside passes/
-    assert {c.__module__.rpartition(".")[2] for c in all_registered} <= set(files)
+    home_of = {c: c.__module__.removeprefix("normrewrite.passes.").split(".")[0] for c in all_registered}
+    assert set(home_of.values()) <= set(homes)
 
 
 def test_names_are_cli_friendly_and_documented() -> None:

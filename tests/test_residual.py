@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from normrewrite.residual import is_add, norm_placements, residual_adds, residual_sums
+from normrewrite.analysis.residual import is_add, norm_placements, residual_adds, residual_sums
 from normrewrite.trace import trace
 
 TRACERS = ("fx", "export")

@@ -22,7 +22,7 @@ from torch import nn
 from normrewrite.cli import main
 from normrewrite.errors import LoadError
 from normrewrite.load import load
-from normrewrite.safety import check_external_data, check_pt2
+from normrewrite.load.safety import check_external_data, check_pt2
 
 
 class _Evil:

@@ -14,7 +14,7 @@ from torch import nn
 from torch.func import functional_call
 
 import normrewrite
-from normrewrite.scale_invariance import ScaleInvariance, scale_invariant_params
+from normrewrite.analysis.scale_invariance import ScaleInvariance, scale_invariant_params
 from normrewrite.verify import compare, tensor_leaves
 
 INVARIANT_TOL = 1e-4  # float32 and the norms' ε (exact when ε ≪ σ²)

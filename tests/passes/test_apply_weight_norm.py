@@ -23,10 +23,10 @@ from torch import nn
 from torch.fx import GraphModule
 
 import normrewrite
+from normrewrite.core.graph import get_tensor
+from normrewrite.core.ops import norms
+from normrewrite.core.pass_infra import PassContext
 from normrewrite.emit import export_program, onnx_outputs, to_onnx
-from normrewrite.graph import get_tensor
-from normrewrite.ops import norms
-from normrewrite.pass_infra import PassContext
 from normrewrite.trace import trace
 
 TRACERS = ("fx", "export")

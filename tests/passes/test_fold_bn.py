@@ -25,9 +25,9 @@ from torch import nn
 from torch.fx import GraphModule
 
 import normrewrite
-from normrewrite.graph import count_ops, get_tensor
-from normrewrite.ops import NormInfo, norms
-from normrewrite.pass_infra import PassContext
+from normrewrite.core.graph import count_ops, get_tensor
+from normrewrite.core.ops import NormInfo, norms
+from normrewrite.core.pass_infra import PassContext
 from normrewrite.trace import trace
 
 TRACERS = ("fx", "export")

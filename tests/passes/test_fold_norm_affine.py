@@ -11,8 +11,8 @@ from normrewrite.passes.fold_norm_affine import FoldNormAffine, fold_affine
 from normrewrite.passes.fuse_norm import FuseNorm
 from torch import nn
 
-from normrewrite.graph import get_tensor
-from normrewrite.ops import norms
+from normrewrite.core.graph import get_tensor
+from normrewrite.core.ops import norms
 from normrewrite.trace import trace
 from normrewrite.verify import compare, tensor_leaves
 

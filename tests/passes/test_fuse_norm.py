@@ -11,7 +11,7 @@ import torch
 from normrewrite.passes.fuse_norm import FuseNorm, op_name
 from torch import nn
 
-from normrewrite.pass_infra import PassResult
+from normrewrite.core.pass_infra import PassResult
 from normrewrite.trace import trace
 from normrewrite.verify import compare
 

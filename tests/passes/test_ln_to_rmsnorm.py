@@ -10,9 +10,9 @@ import torch
 from normrewrite.passes.ln_to_rmsnorm import LnToRmsNorm
 from torch import nn
 
-from normrewrite.graph import get_tensor
-from normrewrite.ops import norms
-from normrewrite.residual_stream import residual_streams
+from normrewrite.analysis.residual_stream import residual_streams
+from normrewrite.core.graph import get_tensor
+from normrewrite.core.ops import norms
 from normrewrite.trace import trace
 from normrewrite.verify import compare, tensor_leaves
 

@@ -23,11 +23,11 @@ from torch import nn
 from torch.fx import GraphModule
 
 import normrewrite
+from normrewrite.analysis.residual import norm_placements, residual_adds, residual_sums, source
+from normrewrite.core.graph import get_tensor
+from normrewrite.core.ops import norms
+from normrewrite.core.pass_infra import PassContext
 from normrewrite.errors import PassError, UsageError
-from normrewrite.graph import get_tensor
-from normrewrite.ops import norms
-from normrewrite.pass_infra import PassContext
-from normrewrite.residual import norm_placements, residual_adds, residual_sums, source
 from normrewrite.verify import tensor_leaves
 
 BERT_LAYERS = 2
@@ -301,7 +301,7 @@ def test_heal_from_data_file(tmp_path) -> None:
 
 
 def test_heal_int_ranges_from_embedding_table() -> None:
-    from normrewrite.heal import int_ranges
+    from normrewrite.passes.post_to_pre.heal import int_ranges
 
     gm = bert_graph()
     assert int_ranges(gm, bert_inputs()) == [(0, 100)]  # BERT's vocab in tests/models.py

@@ -16,8 +16,8 @@ from normrewrite.passes import REGISTRY
 from normrewrite.passes.recalibrate_bn import RecalibrateBatchNorm, random_batches
 from torch import nn
 
+from normrewrite.core.pass_infra import PassContext
 from normrewrite.errors import PassError, UsageError
-from normrewrite.pass_infra import PassContext
 from normrewrite.trace import trace
 from normrewrite.verify import compare, run
 

@@ -22,8 +22,8 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.nn.utils import parametrizations, parametrize, weight_norm
 
+from normrewrite.core.pass_infra import PassContext
 from normrewrite.emit import export_program, onnx_outputs, to_onnx
-from normrewrite.pass_infra import PassContext
 from normrewrite.trace import trace
 
 FORMS = ("fx", "export", "decomposed")

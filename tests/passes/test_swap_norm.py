@@ -31,12 +31,12 @@ from torch import nn
 from torch.fx import GraphModule
 
 import normrewrite
+from normrewrite.core.graph import get_tensor
+from normrewrite.core.ops import norms
+from normrewrite.core.pass_infra import PassContext
 from normrewrite.emit import export_program, onnx_outputs, to_onnx
 from normrewrite.errors import PassError, UsageError
-from normrewrite.graph import get_tensor
 from normrewrite.load import LoadedModel
-from normrewrite.ops import norms
-from normrewrite.pass_infra import PassContext
 from normrewrite.trace import trace
 from normrewrite.verify import tensor_leaves
 

@@ -7,7 +7,7 @@ returned here — :class:`ConvInfo`, :class:`LinearInfo`, :class:`NormInfo` — 
 class names of the models they were tested on. Each record also knows how to rebind the one thing
 passes change in place: a missing bias.
 
-Stored tensors are named by FQN (see :mod:`normrewrite.graph`). A parameter computed inside the
+Stored tensors are named by FQN (see :mod:`normrewrite.core.graph`). A parameter computed inside the
 graph (e.g. a weight-norm parametrization that was traced through) has FQN ``None``: passes that
 change weights must leave such a layer alone and say so.
 """
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from .graph import add_parameter, constant_fqn, node_label, node_shape
+from normrewrite.core.graph import add_parameter, constant_fqn, node_label, node_shape
 
 aten = torch.ops.aten
 

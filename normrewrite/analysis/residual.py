@@ -4,14 +4,14 @@ A *residual add* is an addition ``s = x + F(x)`` whose one operand (the *skip*, 
 stream ``x``) reaches the other (the *branch* output ``F(x)``) in the data-flow graph, through
 a branch that contains at least one weighted layer (linear, conv, matmul/attention). The test is
 purely structural — reachability on the networkx view of the fx graph
-(:func:`normrewrite.graph.to_networkx`) — so it finds residuals in any architecture and through
+(:func:`normrewrite.core.graph.to_networkx`) — so it finds residuals in any architecture and through
 anything a branch may contain: dropout, attention masks (which reach the branch from elsewhere;
 the skip need not dominate the branch), reshapes, GELU. Sums of several terms
 (``x + attn(LN1(x)) + mlp(LN2(x))``, the GPT-NeoX/GPT-J parallel residual) are flattened first,
 so every branch of the sum is found whatever order the terms are added in. Adds whose branch holds
 no weighted layer (the ``x + 0.044715·x³`` inside a tanh-GELU) are not residuals.
 
-On top of that, :func:`norm_placements` classifies every norm (:func:`normrewrite.ops.norms`):
+On top of that, :func:`norm_placements` classifies every norm (:func:`normrewrite.core.ops.norms`):
 
 * ``pre`` — it normalizes the skip value, and feeds the branch (``x + F(LN(x))``);
 * ``post`` — it normalizes a residual sum that the next block reads (``LN(x + F(x))``), or the
@@ -35,8 +35,8 @@ import networkx as nx
 import torch
 from torch.fx import GraphModule, Node
 
-from .graph import module_path, node_shape, to_networkx
-from .ops import NormInfo, conv_info, linear_info, norms
+from normrewrite.core.graph import module_path, node_shape, to_networkx
+from normrewrite.core.ops import NormInfo, conv_info, linear_info, norms
 
 aten = torch.ops.aten
 

@@ -59,8 +59,8 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from .graph import is_bookkeeping, node_label, node_shape
-from .ops import ConvInfo, NormInfo, _normalized, conv_info, linear_info, norm_info
+from normrewrite.core.graph import is_bookkeeping, node_label, node_shape
+from normrewrite.core.ops import ConvInfo, NormInfo, _normalized, conv_info, linear_info, norm_info
 
 Status = Literal["invariant", "not-invariant", "undecided"]
 
@@ -833,8 +833,8 @@ def analyze(gm: GraphModule) -> ScaleInvariance:
 
 
 def _trace_eval(model: nn.Module, example_inputs: Any, tracer: str) -> GraphModule:
-    from .inputs import as_tuple
-    from .trace import trace
+    from normrewrite.load.inputs import as_tuple
+    from normrewrite.trace import trace
 
     if example_inputs is None:
         raise ValueError("example_inputs are needed to trace the model")

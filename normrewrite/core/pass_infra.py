@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch.fx import GraphModule
 
-from .errors import PassError, UsageError
+from normrewrite.errors import PassError, UsageError
 
 # --------------------------------------------------------------------------- results
 
@@ -89,7 +89,7 @@ def compute_tensors(
 
     ``fn`` must be a pure function of its tensor arguments (it is replayed on real data when the
     pass ran on ``meta`` tensors). Outputs that do not exist yet are created as parameters."""
-    from .graph import get_tensor, set_tensor
+    from normrewrite.core.graph import get_tensor, set_tensor
 
     values = fn(*(get_tensor(gm, name) for name in inputs))
     if isinstance(values, torch.Tensor):

@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import EmitError
+from normrewrite.errors import EmitError
 
 
 def check_output(dest: Path, *, force: bool, inputs: tuple[Path, ...] = ()) -> None:

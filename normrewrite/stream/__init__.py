@@ -2,8 +2,8 @@
 
 A model is built and traced on the ``meta`` device (shapes and dtypes only, no data), the passes
 run on that graph and decide every rewrite there. Passes edit stored tensors only through
-:func:`normrewrite.pass_infra.compute_tensors`, which logs each edit as a
-:class:`~normrewrite.pass_infra.TensorRecipe` ``outputs = fn(*inputs)``. This module replays the
+:func:`normrewrite.core.pass_infra.compute_tensors`, which logs each edit as a
+:class:`~normrewrite.core.pass_infra.TensorRecipe` ``outputs = fn(*inputs)``. This module replays the
 log on real data read from a ``safetensors`` checkpoint, one recipe at a time, and writes the
 rewritten model's tensors straight into sharded ``safetensors`` files: the layout of every output
 shard (names, dtypes, shapes, offsets) is known from the ``meta`` graph before any data is read,
@@ -50,8 +50,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import EmitError, LoadError, PassError, UsageError
-from .pass_infra import Pass, PassContext, PassManager, PipelineResult, TensorRecipe
+from normrewrite.core.pass_infra import Pass, PassContext, PassManager, PipelineResult, TensorRecipe
+from normrewrite.errors import EmitError, LoadError, PassError, UsageError
 
 # --------------------------------------------------------------------------- safetensors files
 
@@ -582,7 +582,7 @@ def build_meta_hf(
 ) -> tuple[nn.Module, tuple[Any, ...], str]:
     """The model class of a ``save_pretrained`` directory, built on ``meta`` from its config;
     with its default example input (on ``meta``)."""
-    from .load import _hf_default_input
+    from normrewrite.load import _hf_default_input
 
     cfg_file = model_dir / "config.json"
     try:
@@ -736,8 +736,8 @@ def convert_checkpoint(
     directory's other files (config, tokenizer) and ``normrewrite.json`` (what was done)."""
     import time
 
-    from .fsutil import atomic_dir, check_output
-    from .passes import REGISTRY
+    from normrewrite.emit.files import atomic_dir, check_output
+    from normrewrite.passes import REGISTRY
 
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -829,7 +829,7 @@ def _rewrite_on_meta(
     the recipe log)."""
     import time
 
-    from .trace import trace
+    from normrewrite.trace import trace
 
     bar.stage("tracing on the meta device")
     gm = trace(module, inputs, tracer).graph_module  # type: ignore[arg-type]
@@ -1139,9 +1139,10 @@ def convert_checkpoint_onnx(
     import onnx_ir as ir
     import onnxscript.optimizer
 
-    from .emit import export_program
-    from .fsutil import check_output
-    from .onnx_io import (
+    from normrewrite.emit import export_program
+    from normrewrite.emit.files import check_output
+    from normrewrite.load.safety import check_external_data
+    from normrewrite.onnx_io import (
         OnnxContext,
         OnnxOptions,
         _atomic_pair,
@@ -1152,8 +1153,7 @@ def convert_checkpoint_onnx(
         ort_skip_fusions,
         validate_file,
     )
-    from .passes import ONNX_REGISTRY, REGISTRY
-    from .safety import check_external_data
+    from normrewrite.passes import ONNX_REGISTRY, REGISTRY
 
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()

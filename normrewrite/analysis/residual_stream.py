@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from .graph import get_tensor, node_dtype, node_label, node_shape
-from .ops import called_module, conv_info, dense_info, norm_info
+from normrewrite.core.graph import get_tensor, node_dtype, node_label, node_shape
+from normrewrite.core.ops import called_module, conv_info, dense_info, norm_info
 
 aten = torch.ops.aten
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .errors import UsageError
+from normrewrite.errors import UsageError
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

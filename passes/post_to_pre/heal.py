@@ -8,7 +8,7 @@ embedding table they index, found on the graph; other integer inputs, e.g. masks
 value range) — or over a user-supplied file of inputs. The teacher is the original model (frozen);
 the student's parameters are trained on private copies (the original model shares tensors with the
 traced graph and is never written into) and stored back through
-:func:`normrewrite.pass_infra.compute_tensors`, so the edit is logged like any other.
+:func:`normrewrite.core.pass_infra.compute_tensors`, so the edit is logged like any other.
 
 The error before and after is measured on the example inputs with the measure ``verify`` uses
 (max |Δ| / max |y|) and on a held-out random batch (relative RMS), so the report shows whether the
@@ -27,9 +27,9 @@ import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
-from .errors import PassError, UsageError
-from .pass_infra import PassContext, compute_tensors
-from .verify import compare, tensor_leaves
+from normrewrite.core.pass_infra import PassContext, compute_tensors
+from normrewrite.errors import PassError, UsageError
+from normrewrite.verify import compare, tensor_leaves
 
 aten = torch.ops.aten
 
@@ -85,7 +85,7 @@ def _embedding_rows(gm: GraphModule, node: Node, depth: int = 4) -> int | None:
             if isinstance(w, Node) and isinstance(w.meta.get("val"), Tensor):
                 return int(w.meta["val"].shape[0])
             if isinstance(w, Node) and w.op == "get_attr":
-                from .graph import get_tensor
+                from normrewrite.core.graph import get_tensor
 
                 return int(get_tensor(gm, str(w.target)).shape[0])
         if u.op == "call_module":
@@ -99,7 +99,7 @@ def _embedding_rows(gm: GraphModule, node: Node, depth: int = 4) -> int | None:
         ):
             w = u.args[1]
             if isinstance(w, Node) and w.op == "get_attr":
-                from .graph import get_tensor
+                from normrewrite.core.graph import get_tensor
 
                 return int(get_tensor(gm, str(w.target)).shape[0])
         if depth > 0 and u.op in ("call_function", "call_method") and u.args and u.args[0] is node:
@@ -273,7 +273,7 @@ def heal(
     out_names = [names[0] for names in named.values()]
     values = tuple(trained[k].detach().clone() for k in named)
     compute_tensors(gm, ctx, out_names, [], lambda: values, origin=origin)
-    from .graph import get_tensor
+    from normrewrite.core.graph import get_tensor
 
     for names in named.values():  # re-tie aliases to the first name's new parameter
         first_t = get_tensor(gm, names[0])

@@ -27,10 +27,10 @@ import torch
 from torch.export import ExportedProgram
 from torch.fx import GraphModule
 
-from .errors import EmitError
-from .fsutil import atomic_dir, atomic_file
-from .trace import silenced
-from .verify import Comparison, compare, tensor_leaves
+from normrewrite.emit.files import atomic_dir, atomic_file
+from normrewrite.errors import EmitError
+from normrewrite.trace import silenced
+from normrewrite.verify import Comparison, compare, tensor_leaves
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def output_format(path: Path) -> str:
 
 def export_program(gm: GraphModule, example_inputs: tuple[Any, ...], *, dynamic: bool = False) -> ExportedProgram:
     """A fresh ``torch.export`` program of the rewritten module (``dynamic``: all dims free)."""
-    from .trace import dynamic_shapes
+    from normrewrite.trace import dynamic_shapes
 
     try:
         with warnings.catch_warnings(), silenced():
@@ -212,7 +212,7 @@ def load(weights=None):
 def write_dir(ep: ExportedProgram, dest: Path, title: str) -> EmitResult:
     from safetensors.torch import save_file
 
-    from . import __version__
+    from normrewrite import __version__
 
     sig = ep.graph_signature
     tensors: list[tuple[str, str]] = []

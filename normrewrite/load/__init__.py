@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import LoadError
-from .inputs import InputSpec, as_tuple, make_inputs
+from normrewrite.errors import LoadError
+from normrewrite.load.inputs import InputSpec, as_tuple, make_inputs
 
 
 @dataclass
@@ -61,7 +61,7 @@ def load(
     elif path.suffix == ".pt2":
         loaded = _load_pt2(path, inputs, seed=seed, trust_pickle=trust_pickle)
     elif path.suffix == ".onnx":
-        from .onnx_io import load_onnx
+        from normrewrite.onnx_io import load_onnx
 
         load_onnx(path)  # one-line errors for missing, truncated or non-ONNX files
         raise LoadError(
@@ -175,7 +175,7 @@ def _load_pt2(
         raise LoadError(f"no such file: {path}")
     if not zipfile.is_zipfile(path):
         raise LoadError(f"{path}: not a torch.export program (not a .pt2 archive)")
-    from .safety import check_pt2
+    from normrewrite.load.safety import check_pt2
 
     check_pt2(path, trust_pickle=trust_pickle)  # torch.export.load may unpickle: see safety.py
     try:

@@ -33,10 +33,10 @@ import torch
 from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
 
-from .errors import EmitError, UsageError, VerifyError
-from .fsutil import atomic_file
-from .report import OutputReport
-from .verify import Comparison, compare, tensor_leaves
+from normrewrite.emit.files import atomic_file
+from normrewrite.errors import EmitError, UsageError, VerifyError
+from normrewrite.report import OutputReport
+from normrewrite.verify import Comparison, compare, tensor_leaves
 
 Device = Literal["cpu", "cuda"]
 AOTI_SUFFIX = ".aoti.pt2"

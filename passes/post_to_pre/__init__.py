@@ -14,14 +14,14 @@ read stays normalized. Embedding norms and any norm that is not a block's post n
 This is an **architecture change, not an identity**: no choice of weights makes ``x + F(LN(x))``
 compute ``LN(x + F(x))`` for all inputs, so the pass is approximate (``exact = False``); the
 report gives the measured output difference, and ``heal=STEPS`` fine-tunes the result towards the
-original's outputs (:mod:`normrewrite.heal`).
+original's outputs (:mod:`normrewrite.passes.post_to_pre.heal`).
 
 ``pre-to-post`` is the reverse: each block's pre norm moves onto its residual sum, and a final
 norm that normalizes the last sum is removed (its parameters are dropped; the last block's own norm
 now normalizes the output). Right after ``post-to-pre`` the final norm is a copy of the last
 block's norm, so ``pre-to-post ∘ post-to-pre`` restores the original function exactly.
 
-Preconditions: residual connections are found structurally (:mod:`normrewrite.residual`); a graph
+Preconditions: residual connections are found structurally (:mod:`normrewrite.analysis.residual`); a graph
 with none is refused (:class:`~normrewrite.errors.PassError`). A norm whose parameters are computed
 in the graph, and (for ``pre-to-post``) a residual sum whose branches read two different pre norms
 (GPT-NeoX parallel blocks: there is no single post norm to move them to), are skipped with the
@@ -39,11 +39,7 @@ import torch
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
-from normrewrite.errors import PassError
-from normrewrite.graph import add_parameter, erase_unused, get_tensor, to_networkx
-from normrewrite.ops import norm_info
-from normrewrite.pass_infra import Change, Pass, PassContext, PassResult, Skip, compute_tensors
-from normrewrite.residual import (
+from normrewrite.analysis.residual import (
     NormPlacement,
     ResidualAdd,
     norm_placements,
@@ -51,6 +47,10 @@ from normrewrite.residual import (
     residual_sums,
     source,
 )
+from normrewrite.core.graph import add_parameter, erase_unused, get_tensor, to_networkx
+from normrewrite.core.ops import norm_info
+from normrewrite.core.pass_infra import Change, Pass, PassContext, PassResult, Skip, compute_tensors
+from normrewrite.errors import PassError
 
 # --------------------------------------------------------------------------- tensor math
 
@@ -372,7 +372,7 @@ class PostToPre(Pass):
                 "(see verify; heal=STEPS fine-tunes towards it)"
             )
         if changes and self.options.heal:
-            from normrewrite.heal import heal
+            from normrewrite.passes.post_to_pre.heal import heal
 
             assert teacher is not None
             h = heal(

@@ -23,7 +23,7 @@ import zipfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from .errors import LoadError
+from normrewrite.errors import LoadError
 
 # --------------------------------------------------------------------------- .pt2
 
