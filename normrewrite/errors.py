@@ -42,3 +42,10 @@ class VerifyError(NormRewriteError):
 
 class EmitError(NormRewriteError):
     """The rewritten model could not be written in the requested format."""
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message, white space folded, at most ``limit``
+    characters: what a one-line error may quote of a library's (often multi-page) message."""
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return " ".join(lines[0].split())[:limit] if lines else ""

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 
 from normrewrite.core.pass_infra import Change, Pass, PassContext, Skip
-from normrewrite.errors import EmitError, LoadError, PassError
+from normrewrite.errors import EmitError, LoadError, PassError, first_line
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -112,12 +112,9 @@ def load_onnx(path: str | os.PathLike[str]) -> ir.Model:
     try:
         return ir.from_proto(proto)
     except Exception as e:
-        raise LoadError(f"{p}: cannot read the ONNX model: {type(e).__name__}: {_first(e)}") from e
+        raise LoadError(f"{p}: cannot read the ONNX model: {type(e).__name__}: {first_line(e)}") from e
 
 
-def _first(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:300] if lines else ""
 
 
 # --------------------------------------------------------------------------- passes
@@ -446,7 +443,7 @@ def _write(model: ir.Model, path: Path, threshold: int) -> list[str]:
             ]
         ir.save(model, str(path))
     except Exception as e:
-        raise EmitError(f"writing {path.name} failed: {type(e).__name__}: {_first(e)}") from e
+        raise EmitError(f"writing {path.name} failed: {type(e).__name__}: {first_line(e)}") from e
     return []
 
 
@@ -473,12 +470,12 @@ def validate_file(path: Path) -> list[str]:
         try:
             session(path)
         except Exception as e:
-            raise EmitError(f"onnxruntime refuses the model: {_first(e)}") from e
+            raise EmitError(f"onnxruntime refuses the model: {first_line(e)}") from e
         return [f"uses onnxruntime ops ({', '.join(ort_ops)}): validated by an onnxruntime session"]
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:
-        raise EmitError(f"the ONNX model fails onnx.checker: {_first(e)}") from e
+        raise EmitError(f"the ONNX model fails onnx.checker: {first_line(e)}") from e
     return []
 
 
@@ -689,7 +686,7 @@ def export_error(e: BaseException) -> str:
             for ln in text.splitlines()
             if re.search(r"Cannot |No ONNX function|No decomposition|not supported", ln)
         ),
-        _first(e),
+        first_line(e),
     )
     reason = re.sub(r"^<class '[\w.]+'>: ", "", reason)
     where = f" at op {op}" if op else ""
@@ -708,7 +705,7 @@ def convert_opset(model: ir.Model, opset: int) -> ir.Model:
     except Exception as e:
         raise EmitError(
             f"cannot write opset {opset}: the exporter wrote {got} and converting failed: "
-            f"{type(e).__name__}: {_first(e)}"
+            f"{type(e).__name__}: {first_line(e)}"
         ) from e
     if model_opset(out) != opset:
         raise EmitError(f"asked for opset {opset}, got {model_opset(out)}")
@@ -924,10 +921,10 @@ def emit(
                 session(tmp)
             except Exception as e:  # onnxruntime CPU lacks many bfloat16 kernels
                 if "NOT_IMPLEMENTED" not in str(e):
-                    raise EmitError(f"onnxruntime refuses the model: {_first(e)}") from e
+                    raise EmitError(f"onnxruntime refuses the model: {first_line(e)}") from e
                 measurable = False
                 notes.append(
-                    f"onnxruntime CPU cannot run it ({_first(e)[:120]}): parity not measured"
+                    f"onnxruntime CPU cannot run it ({first_line(e)[:120]}): parity not measured"
                 )
         if reference is not None and measurable:
             try:
@@ -949,7 +946,7 @@ def emit(
                 raise
             except Exception as e:
                 raise EmitError(
-                    f"--dynamic: the ONNX model does not run at other input sizes: {_first(e)}"
+                    f"--dynamic: the ONNX model does not run at other input sizes: {first_line(e)}"
                 ) from e
             other = compare(run(module, bigger), got)
             shapes = ", ".join("x".join(map(str, t.shape)) for t in bigger if hasattr(t, "shape"))

@@ -25,7 +25,7 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.fx.passes.shape_prop import ShapeProp
 
-from normrewrite.errors import TraceError
+from normrewrite.errors import TraceError, first_line
 
 Tracer = Literal["auto", "fx", "export"]
 
@@ -55,18 +55,15 @@ def trace(
             return Traced(gm, "fx", notes)
         except Exception as e:
             if tracer == "fx":
-                raise TraceError(f"torch.fx.symbolic_trace failed: {type(e).__name__}: {_first(e)}") from e
-            notes.append(f"symbolic_trace failed ({type(e).__name__}: {_first(e)}); used torch.export")
+                raise TraceError(f"torch.fx.symbolic_trace failed: {type(e).__name__}: {first_line(e)}") from e
+            notes.append(f"symbolic_trace failed ({type(e).__name__}: {first_line(e)}); used torch.export")
     try:
         gm = _export(module, example_inputs, dynamic=dynamic)
     except Exception as e:
-        raise TraceError(f"torch.export failed: {type(e).__name__}: {_first(e)}") from e
+        raise TraceError(f"torch.export failed: {type(e).__name__}: {first_line(e)}") from e
     return Traced(gm, "export", notes)
 
 
-def _first(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else ""
 
 
 def _fx(module: nn.Module, example_inputs: tuple[Any, ...]) -> GraphModule:

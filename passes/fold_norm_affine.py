@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
-from normrewrite.core.graph import TensorUsage, erase_unused, get_tensor, node_shape
+from normrewrite.core.graph import TensorUsage, erase_unused, get_tensor, node_shape, users
 from normrewrite.core.ops import (
     DenseInfo,
     NormInfo,
@@ -77,11 +77,8 @@ def fold_affine(
 
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, torch.reshape}
 _VIEW_METHODS = {"view", "reshape"}
-_BOOKKEEPING = {aten._assert_tensor_metadata.default}
 
 
-def users(node: Node) -> list[Node]:
-    return [u for u in node.users if not (u.op == "call_function" and u.target in _BOOKKEEPING)]
 
 
 def keeps_last_dim(node: Node) -> bool:

@@ -41,12 +41,14 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from normrewrite.core.graph import (
+    assertions_on,
     erase_unused,
     flavour,
     get_tensor,
     node_dtype,
     node_label,
     node_shape,
+    users,
 )
 from normrewrite.core.pass_infra import Change, Pass, PassContext, PassResult, Skip, rewrite_each
 
@@ -72,7 +74,6 @@ _OPS: dict[str, tuple[set[Any], set[Any], set[str]]] = {
         {"to", "float", "half", "bfloat16", "double", "type_as", "type"},
     ),
 }
-_BOOKKEEPING = {aten._assert_tensor_metadata.default}
 
 
 def op_name(node: object) -> str | None:
@@ -93,13 +94,8 @@ def _kw(node: Node, index: int, name: str, default: Any = None) -> Any:
     return node.args[index] if len(node.args) > index else default
 
 
-def users(node: Node) -> list[Node]:
-    """Users that compute something (export's dtype assertions are not users)."""
-    return [u for u in node.users if not (u.op == "call_function" and u.target in _BOOKKEEPING)]
 
 
-def _bookkeeping(nodes: list[Node]) -> list[Node]:
-    return [u for n in nodes for u in n.users if u.op == "call_function" and u.target in _BOOKKEEPING]
 
 
 def _binary(node: Node) -> tuple[Any, Any]:
@@ -476,7 +472,7 @@ def apply(gm: GraphModule, m: NormPattern) -> Node:
     fused.meta = dict(m.out.meta)
     if "val" in m.core.meta and m.out is not m.core:
         fused.meta["val"] = m.out.meta.get("val", m.core.meta["val"])
-    doomed = [*_bookkeeping(list(m.nodes)), *reversed(m.nodes)]
+    doomed = [*assertions_on(list(m.nodes)), *reversed(m.nodes)]
     m.out.replace_all_uses_with(fused)
     # the fused op reads x and γ/β: move those reads before it if they came later
     for dep in (m.weight, m.bias):

@@ -34,17 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from normrewrite.core.graph import get_tensor, node_dtype, node_label, node_shape
+from normrewrite.core.graph import get_tensor, node_dtype, node_label, node_shape, users
 from normrewrite.core.ops import called_module, conv_info, dense_info, norm_info
 
 aten = torch.ops.aten
 
-_BOOKKEEPING = {aten._assert_tensor_metadata.default}
 
 
-def users(node: Node) -> list[Node]:
-    """Users that compute something (export's dtype assertions are not users)."""
-    return [u for u in node.users if not (u.op == "call_function" and u.target in _BOOKKEEPING)]
 
 
 @dataclass(frozen=True)

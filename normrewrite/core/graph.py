@@ -25,8 +25,10 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-# Nodes torch.export adds that are bookkeeping, not computation.
+# Nodes torch.export adds that are bookkeeping, not computation: guard submodules, and dtype/shape
+# assertions that read a value without computing from it.
 _BOOKKEEPING_PREFIXES = ("_guards_fn",)
+_ASSERTIONS = frozenset({torch.ops.aten._assert_tensor_metadata.default})
 
 
 # --------------------------------------------------------------------------- naming
@@ -63,6 +65,21 @@ def node_label(node: Node) -> str:
 
 def is_bookkeeping(node: Node) -> bool:
     return node.op == "call_module" and str(node.target).startswith(_BOOKKEEPING_PREFIXES)
+
+
+def is_assertion(node: Node) -> bool:
+    """An export assertion on a value (dtype/shape metadata): it reads the value, computes nothing."""
+    return node.op == "call_function" and node.target in _ASSERTIONS
+
+
+def users(node: Node) -> list[Node]:
+    """Users of ``node`` that compute something (export's metadata assertions are not users)."""
+    return [u for u in node.users if not is_assertion(u)]
+
+
+def assertions_on(nodes: Iterable[Node]) -> list[Node]:
+    """The export assertions that read any of ``nodes`` (to erase along with them)."""
+    return [u for n in nodes for u in n.users if is_assertion(u)]
 
 
 def compute_nodes(gm: GraphModule) -> list[Node]:

@@ -28,7 +28,7 @@ from torch.export import ExportedProgram
 from torch.fx import GraphModule
 
 from normrewrite.emit.files import atomic_dir, atomic_file
-from normrewrite.errors import EmitError
+from normrewrite.errors import EmitError, first_line
 from normrewrite.trace import silenced
 from normrewrite.verify import Comparison, compare, tensor_leaves
 
@@ -62,12 +62,9 @@ def export_program(gm: GraphModule, example_inputs: tuple[Any, ...], *, dynamic:
             return torch.export.export(gm, tuple(example_inputs), strict=False,
                                        dynamic_shapes=dynamic_shapes(example_inputs) if dynamic else None)
     except Exception as e:
-        raise EmitError(f"torch.export of the rewritten model failed: {type(e).__name__}: {_first(e)}") from e
+        raise EmitError(f"torch.export of the rewritten model failed: {type(e).__name__}: {first_line(e)}") from e
 
 
-def _first(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:300] if lines else ""
 
 
 # --------------------------------------------------------------------------- .pt2
@@ -78,7 +75,7 @@ def write_pt2(ep: ExportedProgram, dest: Path) -> EmitResult:
         try:
             torch.export.save(ep, str(tmp))
         except Exception as e:
-            raise EmitError(f"writing {dest} failed: {type(e).__name__}: {_first(e)}") from e
+            raise EmitError(f"writing {dest} failed: {type(e).__name__}: {first_line(e)}") from e
     return EmitResult(str(dest), "pt2")
 
 
@@ -94,7 +91,7 @@ def to_onnx(ep: ExportedProgram, *, opset: int | None = None) -> Any:
             return torch.onnx.export(ep, (), dynamo=True, opset_version=opset, verbose=False,
                                      optimize=True)
     except Exception as e:
-        raise EmitError(f"ONNX export failed: {type(e).__name__}: {_first(e)}") from e
+        raise EmitError(f"ONNX export failed: {type(e).__name__}: {first_line(e)}") from e
 
 
 def check_onnx(path: Path) -> None:
@@ -103,7 +100,7 @@ def check_onnx(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:
-        raise EmitError(f"the ONNX model fails onnx.checker: {_first(e)}") from e
+        raise EmitError(f"the ONNX model fails onnx.checker: {first_line(e)}") from e
 
 
 def onnx_outputs(path: Path, inputs: tuple[Any, ...], *, optimize: bool = False) -> list[Any]:
@@ -148,7 +145,7 @@ def write_onnx(
         try:
             program.save(str(tmp), external_data=False)
         except Exception as e:
-            raise EmitError(f"writing {dest} failed: {type(e).__name__}: {_first(e)}") from e
+            raise EmitError(f"writing {dest} failed: {type(e).__name__}: {first_line(e)}") from e
         check_onnx(tmp)
         parity = onnx_parity(tmp, example_inputs, reference) if reference is not None else None
         if parity is not None and check is not None:

@@ -34,7 +34,7 @@ from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
 
 from normrewrite.emit.files import atomic_file
-from normrewrite.errors import EmitError, UsageError, VerifyError
+from normrewrite.errors import EmitError, UsageError, VerifyError, first_line
 from normrewrite.report import OutputReport
 from normrewrite.verify import Comparison, compare, tensor_leaves
 
@@ -127,7 +127,7 @@ def compile_aoti(
         except Exception as e:
             staged.unlink(missing_ok=True)
             raise EmitError(
-                f"AOTInductor compilation for {device} failed: {type(e).__name__}: {_first(e)}"
+                f"AOTInductor compilation for {device} failed: {type(e).__name__}: {first_line(e)}"
             ) from e
         seconds = time.perf_counter() - start
         try:
@@ -178,7 +178,7 @@ def load_package(path: Path | str) -> Callable[..., Any]:
         return torch._inductor.aoti_load_package(str(path))
     except Exception as e:
         raise EmitError(
-            f"cannot load the AOTInductor package {path}: {type(e).__name__}: {_first(e)}"
+            f"cannot load the AOTInductor package {path}: {type(e).__name__}: {first_line(e)}"
         ) from e
 
 
@@ -188,9 +188,6 @@ def run_package(path: Path | str, inputs: tuple[Any, ...]) -> list[torch.Tensor]
         return [t.cpu() for t in tensor_leaves(runner(*inputs))]
 
 
-def _first(e: BaseException) -> str:
-    lines = [line for line in str(e).strip().splitlines() if line.strip()]
-    return " ".join(lines[0].split())[:300] if lines else ""
 
 
 __all__ = [
