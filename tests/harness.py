@@ -40,7 +40,9 @@ def fp64_reference(module: nn.Module, *inputs: Any) -> list[torch.Tensor]:
     return run(m64, *xs)
 
 
-def rel_err(reference: Sequence[torch.Tensor] | torch.Tensor, out: Sequence[torch.Tensor] | torch.Tensor) -> float:
+def rel_err(
+    reference: Sequence[torch.Tensor] | torch.Tensor, out: Sequence[torch.Tensor] | torch.Tensor
+) -> float:
     """max over outputs of max|out - ref| / max|ref| (computed in fp64; NaN anywhere fails)."""
     refs = [reference] if torch.is_tensor(reference) else list(reference)
     outs = [out] if torch.is_tensor(out) else list(out)
@@ -71,7 +73,11 @@ def ort_run(path: Path | str, *inputs: torch.Tensor) -> list[np.ndarray]:
 
 
 def onnx_parity(
-    model: nn.Module, passes: Sequence[str], inputs: tuple[torch.Tensor, ...], path: Path, **kwargs: Any
+    model: nn.Module,
+    passes: Sequence[str],
+    inputs: tuple[torch.Tensor, ...],
+    path: Path,
+    **kwargs: Any,
 ) -> tuple[normrewrite.ConvertResult, float]:
     """Convert ``model`` with ``passes`` through the shipped ONNX emitter into ``path``, run the file
     in onnxruntime, and return (result, relative error of ONNX vs the rewritten torch graph)."""

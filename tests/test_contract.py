@@ -21,7 +21,6 @@ import torch
 from harness import fp64_reference, onnx_parity, rel_err, run
 from torch import nn
 
-import normrewrite
 from normrewrite.core.pass_infra import PassContext
 from normrewrite.passes import REGISTRY
 from normrewrite.trace import trace
@@ -147,12 +146,16 @@ CASES: dict[str, Case] = {
     "fold-norm-affine": Case("fold-norm-affine", NormLinear, _tokens),
     "ln-to-rmsnorm": Case("ln-to-rmsnorm", lambda: Blocks("pre"), _tokens),
     "swap-norm": Case("swap-norm:from=batchnorm,to=frozen", ConvBN, _images),
-    "remove-weight-norm": Case("remove-weight-norm", WeightNormConv, lambda: (torch.randn(2, 4, 7),)),
+    "remove-weight-norm": Case(
+        "remove-weight-norm", WeightNormConv, lambda: (torch.randn(2, 4, 7),)
+    ),
     "apply-weight-norm": Case("apply-weight-norm", ConvBN, _images),
     "post-to-pre": Case("post-to-pre", lambda: Blocks("post"), _tokens),
     "pre-to-post": Case("pre-to-post", lambda: Blocks("pre"), _tokens),
     "recalibrate-bn": Case("recalibrate-bn:batches=2", ConvBN, _images, remeasures=True),
-    "fix-export": Case("fix-export", NonContiguousView, lambda: (torch.randn(2, 3, 8),), tracers=("export",)),
+    "fix-export": Case(
+        "fix-export", NonContiguousView, lambda: (torch.randn(2, 3, 8),), tracers=("export",)
+    ),
 }
 
 # Registered passes with no canonical case here, and why. Empty today: every pass has one.
@@ -201,12 +204,16 @@ def test_pass_contract(name: str, case: Case, tracer: str) -> None:
         assert rel_err(run(model, *inputs), got) < float("inf")
 
     # a second run: nothing left to do (or, for a re-measuring pass, the same values again)
-    again = REGISTRY.create(case.spec)(result.graph_module, PassContext(example_inputs=inputs, reference=model, seed=0))
+    again = REGISTRY.create(case.spec)(
+        result.graph_module, PassContext(example_inputs=inputs, reference=model, seed=0)
+    )
     again.graph_module.graph.lint()
     if case.remeasures:
         assert rel_err(got, run(again.graph_module, *inputs)) <= 1e-6
     else:
-        assert not again.modified and not again.changes, f"{name} is not idempotent: {again.changes[:3]}"
+        assert not again.modified and not again.changes, (
+            f"{name} is not idempotent: {again.changes[:3]}"
+        )
 
     # the user's model is never touched
     after = _state(model)
@@ -236,4 +243,6 @@ def test_pass_contract_through_convert_and_onnx(name: str, tmp_path: Path) -> No
     else:
         assert report.verify.passed is None and report.verify.exact is False
     out = report.to_json()
-    assert out["outputs"][0]["format"] == "onnx" and out["outputs"][0]["onnx_max_rel_err"] is not None
+    assert (
+        out["outputs"][0]["format"] == "onnx" and out["outputs"][0]["onnx_max_rel_err"] is not None
+    )
