@@ -42,7 +42,11 @@ def on_meta(inputs: tuple[Any, ...]) -> bool:
 
 
 def trace(
-    module: nn.Module, example_inputs: tuple[Any, ...], tracer: Tracer = "auto", *, dynamic: bool = False
+    module: nn.Module,
+    example_inputs: tuple[Any, ...],
+    tracer: Tracer = "auto",
+    *,
+    dynamic: bool = False,
 ) -> Traced:
     """``dynamic``: torch.export with every input dim free (``Dim.AUTO``), so no shape is baked in
     (for ``--dynamic`` ONNX); symbolic_trace graphs are shape-free anyway."""
@@ -55,15 +59,17 @@ def trace(
             return Traced(gm, "fx", notes)
         except Exception as e:
             if tracer == "fx":
-                raise TraceError(f"torch.fx.symbolic_trace failed: {type(e).__name__}: {first_line(e)}") from e
-            notes.append(f"symbolic_trace failed ({type(e).__name__}: {first_line(e)}); used torch.export")
+                raise TraceError(
+                    f"torch.fx.symbolic_trace failed: {type(e).__name__}: {first_line(e)}"
+                ) from e
+            notes.append(
+                f"symbolic_trace failed ({type(e).__name__}: {first_line(e)}); used torch.export"
+            )
     try:
         gm = _export(module, example_inputs, dynamic=dynamic)
     except Exception as e:
         raise TraceError(f"torch.export failed: {type(e).__name__}: {first_line(e)}") from e
     return Traced(gm, "export", notes)
-
-
 
 
 def _fx(module: nn.Module, example_inputs: tuple[Any, ...]) -> GraphModule:
@@ -75,11 +81,14 @@ def _fx(module: nn.Module, example_inputs: tuple[Any, ...]) -> GraphModule:
     return gm
 
 
-def _export(module: nn.Module, example_inputs: tuple[Any, ...], *, dynamic: bool = False) -> GraphModule:
+def _export(
+    module: nn.Module, example_inputs: tuple[Any, ...], *, dynamic: bool = False
+) -> GraphModule:
+    if dynamic:
+        return exported_module(export_dynamic(module, example_inputs))
     with warnings.catch_warnings(), silenced():
         warnings.simplefilter("ignore")
-        ep = torch.export.export(module, tuple(example_inputs), strict=False,
-                                 dynamic_shapes=dynamic_shapes(example_inputs) if dynamic else None)
+        ep = torch.export.export(module, tuple(example_inputs), strict=False)
     return exported_module(ep)
 
 
@@ -101,8 +110,59 @@ def silenced() -> Iterator[None]:
 
 
 def dynamic_shapes(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-    """``torch.export`` dynamic_shapes with every dim of every tensor input ``Dim.AUTO`` (export
-    keeps the dims the model constrains, e.g. channels, static)."""
-    auto = torch.export.Dim.AUTO
-    return tuple({i: auto for i in range(t.dim())} if isinstance(t, torch.Tensor) else None
-                 for t in example_inputs)
+    """``torch.export`` dynamic_shapes for ``--dynamic``: the batch dim (0) of every tensor input
+    and the sequence dim (1) of every integer input (token ids, masks) are marked dynamic
+    explicitly (``Dim.DYNAMIC``); every other dim is ``Dim.AUTO``, so export keeps static what the
+    model constrains (channels, features, a ViT's image size) and frees the rest."""
+    auto, dyn = torch.export.Dim.AUTO, torch.export.Dim.DYNAMIC
+    return tuple(
+        {i: dyn if i in _marked_dims(t) else auto for i in range(t.dim())}
+        if isinstance(t, torch.Tensor)
+        else None
+        for t in example_inputs
+    )
+
+
+def _marked_dims(t: torch.Tensor) -> set[int]:
+    if t.dim() == 0:
+        return set()
+    integer = not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+    return {0, 1} if integer and t.dim() >= 2 else {0}
+
+
+def tracing_example(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The example to export with when dims are marked dynamic: torch.export specialises every
+    size-1 dim to 1 (the "0/1 specialisation"), so a marked dim of size 1 is grown to 2 by
+    repeating the input along it. The program then accepts size 1 as well."""
+    grown = []
+    for t in example_inputs:
+        if isinstance(t, torch.Tensor):
+            for d in sorted(_marked_dims(t)):
+                if t.shape[d] == 1:
+                    t = torch.cat([t, t], dim=d)
+        grown.append(t)
+    return tuple(grown)
+
+
+def export_dynamic(
+    module: nn.Module, example_inputs: tuple[Any, ...]
+) -> torch.export.ExportedProgram:
+    """``torch.export`` with batch/sequence dims dynamic (:func:`dynamic_shapes`), traced at
+    :func:`tracing_example`. A model that pins a marked dim to its example size (e.g. a reshape to
+    a stored batch) cannot have it dynamic: export says so, and that is reported in one line."""
+    with warnings.catch_warnings(), silenced():
+        warnings.simplefilter("ignore")
+        try:
+            return torch.export.export(
+                module,
+                tracing_example(example_inputs),
+                strict=False,
+                dynamic_shapes=dynamic_shapes(example_inputs),
+            )
+        except Exception as e:
+            if "specialized" in str(e) or "Constraints violated" in str(e) or "conflicts" in str(e):
+                raise TraceError(
+                    "--dynamic: the model fixes the size of its batch or sequence dimension "
+                    f"({first_line(e)})"
+                ) from e
+            raise

@@ -53,14 +53,16 @@ def output_format(path: Path) -> str:
 
 
 def export_program(gm: GraphModule, example_inputs: tuple[Any, ...], *, dynamic: bool = False) -> ExportedProgram:
-    """A fresh ``torch.export`` program of the rewritten module (``dynamic``: all dims free)."""
-    from normrewrite.trace import dynamic_shapes
+    """A fresh ``torch.export`` program of the rewritten module (``dynamic``: batch and sequence
+    dims marked dynamic, :func:`normrewrite.trace.export_dynamic`)."""
+    from normrewrite.trace import export_dynamic
 
     try:
+        if dynamic:
+            return export_dynamic(gm, example_inputs)
         with warnings.catch_warnings(), silenced():
             warnings.simplefilter("ignore")
-            return torch.export.export(gm, tuple(example_inputs), strict=False,
-                                       dynamic_shapes=dynamic_shapes(example_inputs) if dynamic else None)
+            return torch.export.export(gm, tuple(example_inputs), strict=False)
     except Exception as e:
         raise EmitError(f"torch.export of the rewritten model failed: {type(e).__name__}: {first_line(e)}") from e
 
