@@ -16,6 +16,7 @@ Nothing here assumes real data: tensors may live on the ``meta`` device.
 
 from __future__ import annotations
 
+import enum
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -95,12 +96,19 @@ def count_ops(gm: GraphModule) -> int:
     return len(compute_nodes(gm))
 
 
-def flavour(gm: GraphModule) -> str:
-    """``"aten"`` for torch.export graphs, ``"module"`` for symbolic_trace graphs."""
+class Flavour(enum.StrEnum):
+    """The two kinds of fx graph normrewrite reads (see the module docstring)."""
+
+    MODULE = "module"  # torch.fx.symbolic_trace: call_module layers, torch/operator calls
+    ATEN = "aten"  # torch.export: ATen op overloads, get_attr parameter reads
+
+
+def flavour(gm: GraphModule) -> Flavour:
+    """:attr:`Flavour.ATEN` for torch.export graphs, :attr:`Flavour.MODULE` for symbolic_trace graphs."""
     for n in gm.graph.nodes:
         if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload):
-            return "aten"
-    return "module"
+            return Flavour.ATEN
+    return Flavour.MODULE
 
 
 # --------------------------------------------------------------------------- shapes

@@ -507,8 +507,8 @@ NEGATIVES = [
     Negative("conv-output-two-users", TwoUsers, (2, 4, 7, 7), "has 2 users"),
     Negative("conv-called-twice", SharedConv, (2, 4, 7, 7), "fold-bn:shared=clone"),
     Negative("tied-weights", TiedConv, (2, 4, 7, 7), "fold-bn:shared=clone"),
-    Negative("linear-NLF-bn1d-L", LinearSeq, (2, 6, 6), "not the Linear's output features"),
-    Negative("bn1d-L-linear-NLF", SeqLinear, (2, 6, 6), "not the Linear's input features"),
+    Negative("linear-NLF-bn1d-L", LinearSeq, (2, 6, 6), "not the output features"),
+    Negative("bn1d-L-linear-NLF", SeqLinear, (2, 6, 6), "not the input features"),
     Negative("bn-relu-conv", BNReluConv, (2, 4, 7, 7), "no conv/linear directly before or after"),
     Negative(
         "bn-zero-padded-conv",
