@@ -48,7 +48,12 @@ aten = torch.ops.aten
 
 
 def fold_affine(
-    weight: Tensor, bias: Tensor | None, gamma: Tensor | None, beta: Tensor | None, *, out_dim: int = 0
+    weight: Tensor,
+    bias: Tensor | None,
+    gamma: Tensor | None,
+    beta: Tensor | None,
+    *,
+    out_dim: int = 0,
 ) -> tuple[Tensor, Tensor | None]:
     """(W', b') of ``z ↦ W(γ⊙z + β) + b``; ``out_dim`` is the weight dim of the outputs
     (0 for a Linear ``(out, in)``, 1 for a Conv1D ``(in, out)``). ``b'`` is None only when
@@ -72,12 +77,12 @@ _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, to
 _VIEW_METHODS = {"view", "reshape"}
 
 
-
-
 def keeps_last_dim(node: Node) -> bool:
     """A view/reshape whose input and output end in the same (known) dim."""
-    if not ((node.op == "call_function" and node.target in _VIEWS)
-            or (node.op == "call_method" and node.target in _VIEW_METHODS)):
+    if not (
+        (node.op == "call_function" and node.target in _VIEWS)
+        or (node.op == "call_method" and node.target in _VIEW_METHODS)
+    ):
         return False
     src = node.args[0] if node.args else None
     a, b = node_shape(src), node_shape(node)
@@ -123,8 +128,11 @@ class AffineFold:
         return f"γ/β foldable into {', '.join(d.label for d in self.layers)}"
 
     def describe(self) -> str:
-        what = "γ and β" if self.norm.bias is not None and self.norm.weight is not None else (
-            "γ" if self.norm.weight is not None else "β")
+        what = (
+            "γ and β"
+            if self.norm.bias is not None and self.norm.weight is not None
+            else ("γ" if self.norm.weight is not None else "β")
+        )
         return f"folded {what} into {', '.join(d.label for d in self.layers)}"
 
 
@@ -160,8 +168,14 @@ def match(gm: GraphModule, node: Node, usage: TensorUsage) -> AffineFold | Skip 
 # --------------------------------------------------------------------------- rewrite
 
 
-def fold_into_layers(gm: GraphModule, ctx: PassContext, layers: tuple[DenseInfo, ...],
-                     gamma: str | None, beta: str | None, origin: str) -> None:
+def fold_into_layers(
+    gm: GraphModule,
+    ctx: PassContext,
+    layers: tuple[DenseInfo, ...],
+    gamma: str | None,
+    beta: str | None,
+    origin: str,
+) -> None:
     """Fold stored γ/β (FQNs, either may be None) into every layer (reads the tensors first)."""
     for d in layers:
         assert d.weight is not None
@@ -175,8 +189,9 @@ def fold_into_layers(gm: GraphModule, ctx: PassContext, layers: tuple[DenseInfo,
         has = (bias is not None, gamma is not None, beta is not None)
         out_dim = d.out_dim
 
-        def fn(w: Tensor, *rest: Tensor, has: tuple[bool, bool, bool] = has, out_dim: int = out_dim
-               ) -> tuple[Tensor, ...]:
+        def fn(
+            w: Tensor, *rest: Tensor, has: tuple[bool, bool, bool] = has, out_dim: int = out_dim
+        ) -> tuple[Tensor, ...]:
             it = iter(rest)
             b, g, be = (next(it) if h else None for h in has)
             nw, nb = fold_affine(w, b, g, be, out_dim=out_dim)
@@ -229,7 +244,6 @@ class _FoldAffine(Rewrite[AffineFold]):
         return change
 
 
-
 class FoldNormAffine(RewritePass):
     name = "fold-norm-affine"
     summary = "fold LayerNorm/RMSNorm γ/β into the linear layers that read the norm (exact)"
@@ -239,5 +253,12 @@ class FoldNormAffine(RewritePass):
         return _FoldAffine(gm, ctx)
 
 
-__all__ = ["AffineFold", "FoldNormAffine", "dense_consumers", "drop_affine",
-           "fold_affine", "fold_into_layers", "match"]
+__all__ = [
+    "AffineFold",
+    "FoldNormAffine",
+    "dense_consumers",
+    "drop_affine",
+    "fold_affine",
+    "fold_into_layers",
+    "match",
+]
