@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 from torch.fx import GraphModule, Node
 
 from normrewrite.core.pass_infra import Change, Pass, PassContext, PassResult, Skip
+from normrewrite.errors import PassError
 
 M = TypeVar("M")  # a pass's match record
 
@@ -138,10 +139,15 @@ def rewrite_each(rewrite: Rewrite[Any], sweep: Sweep = Sweep.IN_ORDER) -> PassRe
 
 def explain_each(rewrite: Rewrite[Any]) -> dict[str, str]:
     """``Pass.explain`` from the matcher: candidate name → :meth:`Rewrite.preview` of its match,
-    or ``"<refused>: <reason>"`` for a skip. Reads the graph only."""
+    ``"<refused>: <reason>"`` for a skip, ``"refused: <error>"`` where the pass would stop with a
+    :class:`~normrewrite.errors.PassError`. Reads the graph only."""
     out: dict[str, str] = {}
     for candidate in rewrite.candidates():
-        found = rewrite.match(candidate)
+        try:
+            found = rewrite.match(candidate)
+        except PassError as e:
+            out[rewrite.key(candidate)] = f"refused: {e}"
+            continue
         if isinstance(found, Skip):
             out[rewrite.key(candidate)] = f"{rewrite.refused}: {found.reason}"
         elif found is not None:
