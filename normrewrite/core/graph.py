@@ -210,7 +210,9 @@ def add_parameter(gm: nn.Module, owner_path: str, base: str, value: torch.Tensor
     if name in owner.__dict__ or name in owner._parameters:
         owner._parameters.pop(name, None)
         owner.__dict__.pop(name, None)
-    owner.register_parameter(name, nn.Parameter(value.detach(), requires_grad=value.is_floating_point()))
+    owner.register_parameter(
+        name, nn.Parameter(value.detach(), requires_grad=value.is_floating_point())
+    )
     return f"{owner_path}.{name}" if owner_path else name
 
 
@@ -344,8 +346,11 @@ def replace_with_holder(gm: GraphModule, path: str) -> None:
         old = gm.get_submodule(path)
     except AttributeError:
         return
-    read = {str(n.target).rpartition(".")[2] for n in gm.graph.nodes
-            if n.op == "get_attr" and str(n.target).rpartition(".")[0] == path}
+    read = {
+        str(n.target).rpartition(".")[2]
+        for n in gm.graph.nodes
+        if n.op == "get_attr" and str(n.target).rpartition(".")[0] == path
+    }
     holder = nn.Module()
     for name, t in old._parameters.items():
         if name in read and t is not None:
