@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.fx import GraphModule, Node
 
 from normrewrite.core.graph import (
+    Flavour,
     TensorUsage,
     erase_unused,
     flavour,
@@ -55,7 +56,8 @@ from normrewrite.core.ops import (
     linear_info,
     set_arg,
 )
-from normrewrite.core.pass_infra import Change, Pass, PassContext, PassResult, Skip, compute_tensors
+from normrewrite.core.pass_infra import Change, PassContext, PassResult, Skip, compute_tensors
+from normrewrite.core.rewrite import Rewrite, RewritePass, Sweep, rewrite_each
 
 from .fold_bn import bn_affine
 
@@ -88,46 +90,58 @@ class WNMatch:
     out_dim: int
     bn: NormInfo | None = None  # the BN to make mean-only
 
+    @property
+    def label(self) -> str:
+        return self.layer.label
+
+    def preview(self) -> str:
+        return self.describe()
+
     def describe(self) -> str:
         extra = f"; {self.bn.label} made mean-only" if self.bn is not None else ""
         return f"weight = g·v/‖v‖ over dim {self.out_dim}{extra}"
-
-
-@dataclass(frozen=True)
-class NoMatch:
-    label: str
-    reason: str
 
 
 def _layer(gm: GraphModule, node: Node) -> Layer | None:
     return conv_info(gm, node) or linear_info(gm, node)
 
 
-def match(gm: GraphModule, node: Node, usage: TensorUsage, mean_only_bn: bool) -> WNMatch | NoMatch | None:
+def match(
+    gm: GraphModule, node: Node, usage: TensorUsage, mean_only_bn: bool
+) -> WNMatch | Skip | None:
     layer = _layer(gm, node)
     if layer is None:
         return None
     label = layer.label
     if layer.weight is None:
-        return NoMatch(label, "the weight is computed in the graph (already re-parameterised?), not stored")
+        return Skip(
+            label, "the weight is computed in the graph (already re-parameterised?), not stored"
+        )
     if layer.has_bias and layer.bias is None:
-        return NoMatch(label, "the bias is computed in the graph, not stored")
+        return Skip(label, "the bias is computed in the graph, not stored")
     for fqn in (layer.weight, layer.bias):
         if not usage.exclusive(fqn):
-            return NoMatch(label, f"{fqn} is shared ({usage.count(fqn)} readers or tied names)")
+            return Skip(label, f"{fqn} is shared ({usage.count(fqn)} readers or tied names)")
     out_dim = 0
     if isinstance(layer, ConvInfo) and layer.transposed:
         if layer.groups != 1:
-            return NoMatch(label, "grouped ConvTranspose: its output channels are not one weight dim")
+            return Skip(label, "grouped ConvTranspose: its output channels are not one weight dim")
         out_dim = 1
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
         if isinstance(layer, ConvInfo) and mod.padding_mode != "zeros":
-            return NoMatch(label, f"{mod.padding_mode} padding: in symbolic_trace graphs only zero-padded "
-                                  "convs are rewritten (trace with torch.export for the others)")
+            return Skip(
+                label,
+                f"{mod.padding_mode} padding: in symbolic_trace graphs only zero-padded "
+                "convs are rewritten (trace with torch.export for the others)",
+            )
     w = get_tensor(gm, layer.weight)
-    if w.device.type != "meta" and bool((torch.linalg.vector_norm(w, dim=norm_dims(w.dim(), out_dim)) == 0).any()):
-        return NoMatch(label, "an output channel of the weight is all zeros: g·v/‖v‖ is undefined there")
+    if w.device.type != "meta" and bool(
+        (torch.linalg.vector_norm(w, dim=norm_dims(w.dim(), out_dim)) == 0).any()
+    ):
+        return Skip(
+            label, "an output channel of the weight is all zeros: g·v/‖v‖ is undefined there"
+        )
     bn = _mean_only_bn(gm, layer, usage) if mean_only_bn else None
     return WNMatch(layer, out_dim, bn)
 
@@ -165,17 +179,21 @@ def _free(gm: GraphModule, owner: str, name: str) -> str:
 def apply(gm: GraphModule, m: WNMatch, ctx: PassContext) -> None:
     layer, bn, out_dim = m.layer, m.bn, m.out_dim
     assert layer.weight is not None
-    aten_form = flavour(gm) == "aten"
+    aten_form = flavour(gm) is Flavour.ATEN
     owner = layer.weight.rpartition(".")[0]
     g_fqn, v_fqn = _free(gm, owner, "weight_g"), _free(gm, owner, "weight_v")
     outputs, inputs = [g_fqn, v_fqn], [layer.weight]
     if bn is None:
-        compute_tensors(gm, ctx, outputs, inputs, lambda w: split_weight(w, out_dim), origin="apply-weight-norm")
+        compute_tensors(
+            gm, ctx, outputs, inputs, lambda w: split_weight(w, out_dim), origin="apply-weight-norm"
+        )
     else:
         assert bn.running_mean is not None and bn.running_var is not None
         has_b, has_gamma, eps = layer.bias is not None, bn.weight is not None, bn.eps or 0.0
         outputs += [bn.running_mean] + ([layer.bias] if has_b else [])
-        inputs += [bn.running_mean, bn.running_var] + [n for n in (bn.weight, layer.bias) if n is not None]
+        inputs += [bn.running_mean, bn.running_var] + [
+            n for n in (bn.weight, layer.bias) if n is not None
+        ]
 
         def fold(w: Tensor, mean: Tensor, var: Tensor, *rest: Tensor) -> tuple[Tensor, ...]:
             it = iter(rest)
@@ -194,9 +212,16 @@ def apply(gm: GraphModule, m: WNMatch, ctx: PassContext) -> None:
     ndim = get_tensor(gm, v_fqn).dim()
     with g.inserting_before(node):
         v_node = g.get_attr(v_fqn)
-        norm = emit_op(gm, "vector_norm", v_node, 2, list(norm_dims(ndim, out_dim)), True, aten_form=aten_form)
-        w_node = emit_op(gm, "mul", v_node, emit_op(gm, "div", g.get_attr(g_fqn), norm, aten_form=aten_form),
-                         aten_form=aten_form)
+        norm = emit_op(
+            gm, "vector_norm", v_node, 2, list(norm_dims(ndim, out_dim)), True, aten_form=aten_form
+        )
+        w_node = emit_op(
+            gm,
+            "mul",
+            v_node,
+            emit_op(gm, "div", g.get_attr(g_fqn), norm, aten_form=aten_form),
+            aten_form=aten_form,
+        )
         if node.op == "call_module":
             new = _functional(gm, node, layer, w_node)
             node.replace_all_uses_with(new)
@@ -231,10 +256,18 @@ def _functional(gm: GraphModule, node: Node, layer: Layer, weight: Node) -> Node
     if layer.transposed:
         mod = gm.get_submodule(str(node.target))
         fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[layer.ndim]
-        args = (layer.stride, layer.padding, tuple(mod.output_padding), layer.groups, layer.dilation)
+        args = (
+            layer.stride,
+            layer.padding,
+            tuple(mod.output_padding),
+            layer.groups,
+            layer.dilation,
+        )
         return g.call_function(fn, (x, weight, bias, *args))
     fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[layer.ndim]
-    return g.call_function(fn, (x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups))
+    return g.call_function(
+        fn, (x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    )
 
 
 def _mean_only(gm: GraphModule, bn: NormInfo, aten_form: bool) -> None:
@@ -244,11 +277,21 @@ def _mean_only(gm: GraphModule, bn: NormInfo, aten_form: bool) -> None:
     chan = [-1] + [1] * max(len(shape) - 2, 0)
     with g.inserting_before(bn.op_node or bn.node):
         x = (bn.op_node or bn.node).args[0]  # the layer's node may have been replaced
-        out = emit_op(gm, "sub", x, emit_op(gm, "reshape", g.get_attr(bn.running_mean), chan,
-                                                     aten_form=aten_form), aten_form=aten_form)
+        out = emit_op(
+            gm,
+            "sub",
+            x,
+            emit_op(gm, "reshape", g.get_attr(bn.running_mean), chan, aten_form=aten_form),
+            aten_form=aten_form,
+        )
         if bn.bias is not None:
-            out = emit_op(gm, "add", out, emit_op(gm, "reshape", g.get_attr(bn.bias), chan, aten_form=aten_form),
-                          aten_form=aten_form)
+            out = emit_op(
+                gm,
+                "add",
+                out,
+                emit_op(gm, "reshape", g.get_attr(bn.bias), chan, aten_form=aten_form),
+                aten_form=aten_form,
+            )
     for key in ("val", "tensor_meta"):
         if key in bn.node.meta:
             out.meta[key] = bn.node.meta[key]
@@ -264,45 +307,52 @@ class ApplyWeightNormOptions:
     """Also make each eval BatchNorm right after a re-parameterised layer mean-only."""
 
 
-class ApplyWeightNorm(Pass):
+class _Reparameterise(Rewrite[WNMatch]):
+    refused = "not re-parameterised"
+
+    def __init__(self, gm: GraphModule, ctx: PassContext, mean_only_bn: bool) -> None:
+        super().__init__(gm, ctx)
+        self.mean_only_bn = mean_only_bn
+        self.usage = TensorUsage.of(gm)
+        self.made_mean_only = False
+
+    def match(self, candidate: Node) -> WNMatch | Skip | None:
+        return match(self.gm, candidate, self.usage, self.mean_only_bn)
+
+    def apply(self, found: WNMatch) -> Change:
+        apply(self.gm, found, self.ctx)
+        self.made_mean_only |= found.bn is not None
+        return Change(found.label, found.describe())
+
+
+class ApplyWeightNorm(RewritePass):
     name = "apply-weight-norm"
-    summary = ("re-parameterise conv/linear weights as trainable g·v/‖v‖ (exact at conversion; "
-               "mean_only_bn=true: mean-only BatchNorm after them)")
+    summary = (
+        "re-parameterise conv/linear weights as trainable g·v/‖v‖ (exact at conversion; "
+        "mean_only_bn=true: mean-only BatchNorm after them)"
+    )
     exact = True
     Options = ApplyWeightNormOptions
+    sweep = Sweep.MATCH_ALL_FIRST  # every layer is judged on the original graph
+
+    def rewriter(self, gm: GraphModule, ctx: PassContext) -> _Reparameterise:
+        return _Reparameterise(gm, ctx, self.options.mean_only_bn)
 
     def call(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        changes: list[Change] = []
-        skipped: list[Skip] = []
-        usage = TensorUsage.of(gm)
-        found: list[WNMatch] = []
-        for node in gm.graph.nodes:
-            m = match(gm, node, usage, self.options.mean_only_bn)
-            if isinstance(m, NoMatch):
-                skipped.append(Skip(m.label, m.reason))
-            elif m is not None:
-                found.append(m)
-        for m in found:
-            label = m.layer.label
-            apply(gm, m, ctx)
-            changes.append(Change(label, m.describe()))
-        if changes:
-            gm.recompile()
-        notes = []
-        if self.options.mean_only_bn and any(m.bn is not None for m in found):
-            notes.append("mean-only BatchNorm is emitted in eval form (running mean); outputs are unchanged")
-        return PassResult(gm, bool(changes), changes, skipped, notes)
-
-    def explain(self, gm: GraphModule, ctx: PassContext) -> dict[str, str]:
-        usage = TensorUsage.of(gm)
-        out: dict[str, str] = {}
-        for node in gm.graph.nodes:
-            m = match(gm, node, usage, self.options.mean_only_bn)
-            if isinstance(m, WNMatch):
-                out[node.name] = m.describe()
-            elif isinstance(m, NoMatch):
-                out[node.name] = f"not re-parameterised: {m.reason}"
-        return out
+        rewrite = self.rewriter(gm, ctx)
+        result = rewrite_each(rewrite, self.sweep)
+        if rewrite.made_mean_only:
+            result.notes.append(
+                "mean-only BatchNorm is emitted in eval form (running mean); outputs are unchanged"
+            )
+        return result
 
 
-__all__ = ["ApplyWeightNorm", "ApplyWeightNormOptions", "WNMatch", "match", "norm_dims", "split_weight"]
+__all__ = [
+    "ApplyWeightNorm",
+    "ApplyWeightNormOptions",
+    "WNMatch",
+    "match",
+    "norm_dims",
+    "split_weight",
+]

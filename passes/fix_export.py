@@ -34,12 +34,14 @@ the exporter's error is reported in one line naming the op
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import torch
 from torch.fx import GraphModule, Node
 
-from normrewrite.core.pass_infra import Change, NoOptions, Pass, PassContext, PassResult, Skip
+from normrewrite.core.pass_infra import Change, NoOptions, PassContext, Skip
+from normrewrite.core.rewrite import Rewrite, RewritePass
 
 _VIEW_TARGETS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
 
@@ -67,11 +69,29 @@ def _qualname(node: Node) -> str | None:
     return target._schema.name  # e.g. "transformers::grouped_mm_fallback"
 
 
+class FixKind(enum.Enum):
+    """What a fix does to its node (the value: how the change is reported)."""
+
+    RESHAPE = "view → reshape"
+    CLONE = "contiguous → clone(contiguous_format)"
+    DECOMPOSE = "replaced by its decomposition"  # a custom op without an ONNX translation
+
+
 @dataclass(frozen=True)
 class ViewFix:
     node: Node
     reason: str
-    kind: str = "reshape"  # view → reshape | "clone": contiguous → clone | "decompose": custom op
+    kind: FixKind = FixKind.RESHAPE
+
+    @property
+    def label(self) -> str:
+        return self.node.name
+
+    def describe(self) -> str:
+        return f"{self.reason}: {self.kind.value}"
+
+    def preview(self) -> str:
+        return self.describe()
 
 
 def _strides(node: object) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
@@ -155,14 +175,14 @@ def _non_contiguous(node: object) -> str | None:
 def match(node: Node) -> ViewFix | Skip | None:
     name = _qualname(node)
     if name in DECOMPOSITIONS:
-        return ViewFix(node, f"custom op {name} has no ONNX translation", "decompose")
+        return ViewFix(node, f"custom op {name} has no ONNX translation", FixKind.DECOMPOSE)
     if _is_contiguous_call(node):
         why = _non_contiguous(node.args[0])
         if why is None:
             return None
         if _mutated(node):
             return Skip(node.name, f"{why}, but it is mutated in place afterwards")
-        return ViewFix(node, why, "clone")
+        return ViewFix(node, why, FixKind.CLONE)
     if not _is_view(node):
         return None
     why = _needs_reshape(node)
@@ -177,10 +197,10 @@ def match(node: Node) -> ViewFix | Skip | None:
 
 def apply(gm: GraphModule, fix: ViewFix) -> None:
     node = fix.node
-    if fix.kind == "decompose":
+    if fix.kind is FixKind.DECOMPOSE:
         node.target = DECOMPOSITIONS[_qualname(node)]
         return
-    if fix.kind == "clone":
+    if fix.kind is FixKind.CLONE:
         node.args = node.args[:1]
         node.kwargs = {"memory_format": torch.contiguous_format}
         node.target = "clone" if node.op == "call_method" else torch.ops.aten.clone.default
@@ -191,7 +211,18 @@ def apply(gm: GraphModule, fix: ViewFix) -> None:
         node.target = torch.ops.aten.reshape.default
 
 
-class FixExport(Pass):
+class _Fix(Rewrite[ViewFix]):
+    refused = "not fixed"
+
+    def match(self, candidate: Node) -> ViewFix | Skip | None:
+        return match(candidate)
+
+    def apply(self, found: ViewFix) -> Change:
+        apply(self.gm, found)
+        return Change(found.label, found.describe())
+
+
+class FixExport(RewritePass):
     name = "fix-export"
     summary = (
         "make torch.export graphs ONNX-exportable: contiguous/view of non-contiguous tensors, "
@@ -200,24 +231,8 @@ class FixExport(Pass):
     exact = True
     Options = NoOptions
 
-    def call(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        changes: list[Change] = []
-        skipped: list[Skip] = []
-        for node in list(gm.graph.nodes):
-            found = match(node)
-            if isinstance(found, Skip):
-                skipped.append(found)
-            elif isinstance(found, ViewFix):
-                apply(gm, found)
-                what = {
-                    "clone": "contiguous → clone(contiguous_format)",
-                    "reshape": "view → reshape",
-                    "decompose": "replaced by its decomposition",
-                }[found.kind]
-                changes.append(Change(node.name, f"{found.reason}: {what}"))
-        if changes:
-            gm.recompile()
-        return PassResult(gm, bool(changes), changes, skipped)
+    def rewriter(self, gm: GraphModule, ctx: PassContext) -> _Fix:
+        return _Fix(gm, ctx)
 
 
-__all__ = ["FixExport", "ViewFix", "apply", "match"]
+__all__ = ["FixExport", "FixKind", "ViewFix", "apply", "match"]

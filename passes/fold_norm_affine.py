@@ -39,15 +39,8 @@ from normrewrite.core.ops import (
     set_arg,
     set_bias,
 )
-from normrewrite.core.pass_infra import (
-    Change,
-    Pass,
-    PassContext,
-    PassResult,
-    Skip,
-    compute_tensors,
-    rewrite_each,
-)
+from normrewrite.core.pass_infra import Change, PassContext, Skip, compute_tensors
+from normrewrite.core.rewrite import Rewrite, RewritePass
 
 aten = torch.ops.aten
 
@@ -55,7 +48,12 @@ aten = torch.ops.aten
 
 
 def fold_affine(
-    weight: Tensor, bias: Tensor | None, gamma: Tensor | None, beta: Tensor | None, *, out_dim: int = 0
+    weight: Tensor,
+    bias: Tensor | None,
+    gamma: Tensor | None,
+    beta: Tensor | None,
+    *,
+    out_dim: int = 0,
 ) -> tuple[Tensor, Tensor | None]:
     """(W', b') of ``z ↦ W(γ⊙z + β) + b``; ``out_dim`` is the weight dim of the outputs
     (0 for a Linear ``(out, in)``, 1 for a Conv1D ``(in, out)``). ``b'`` is None only when
@@ -79,12 +77,12 @@ _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, to
 _VIEW_METHODS = {"view", "reshape"}
 
 
-
-
 def keeps_last_dim(node: Node) -> bool:
     """A view/reshape whose input and output end in the same (known) dim."""
-    if not ((node.op == "call_function" and node.target in _VIEWS)
-            or (node.op == "call_method" and node.target in _VIEW_METHODS)):
+    if not (
+        (node.op == "call_function" and node.target in _VIEWS)
+        or (node.op == "call_method" and node.target in _VIEW_METHODS)
+    ):
         return False
     src = node.args[0] if node.args else None
     a, b = node_shape(src), node_shape(node)
@@ -122,19 +120,23 @@ class AffineFold:
     norm: NormInfo
     layers: tuple[DenseInfo, ...]
 
+    @property
+    def label(self) -> str:
+        return self.norm.label
+
+    def preview(self) -> str:
+        return f"γ/β foldable into {', '.join(d.label for d in self.layers)}"
+
     def describe(self) -> str:
-        what = "γ and β" if self.norm.bias is not None and self.norm.weight is not None else (
-            "γ" if self.norm.weight is not None else "β")
+        what = (
+            "γ and β"
+            if self.norm.bias is not None and self.norm.weight is not None
+            else ("γ" if self.norm.weight is not None else "β")
+        )
         return f"folded {what} into {', '.join(d.label for d in self.layers)}"
 
 
-@dataclass(frozen=True)
-class NoMatch:
-    label: str
-    reason: str
-
-
-def match(gm: GraphModule, node: Node, usage: TensorUsage) -> AffineFold | NoMatch | None:
+def match(gm: GraphModule, node: Node, usage: TensorUsage) -> AffineFold | Skip | None:
     info = norm_info(gm, node)
     if info is None or info.kind not in ("layernorm", "rmsnorm"):
         return None
@@ -142,23 +144,23 @@ def match(gm: GraphModule, node: Node, usage: TensorUsage) -> AffineFold | NoMat
         return None  # affine-free already
     label = info.label
     if (info.has_weight and info.weight is None) or (info.has_bias and info.bias is None):
-        return NoMatch(label, "γ/β are computed in the graph, not stored")
+        return Skip(label, "γ/β are computed in the graph, not stored")
     if not info.normalized_shape or len(info.normalized_shape) != 1:
-        return NoMatch(label, f"normalizes {info.normalized_shape}, not the last dim only")
+        return Skip(label, f"normalizes {info.normalized_shape}, not the last dim only")
     features = info.normalized_shape[0]
     layers, why = dense_consumers(gm, info.node)
     if why is not None:
-        return NoMatch(label, why)
+        return Skip(label, why)
     seen: set[str] = set()
     for d in layers:
         if d.weight is None or (d.has_bias and d.bias is None):
-            return NoMatch(label, f"the weights of {d.label} are computed in the graph, not stored")
+            return Skip(label, f"the weights of {d.label} are computed in the graph, not stored")
         w = get_tensor(gm, d.weight)
         in_features = w.shape[1 - d.out_dim] if w.dim() == 2 else None
         if in_features != features:
-            return NoMatch(label, f"{d.label} reads {in_features} features, the norm has {features}")
+            return Skip(label, f"{d.label} reads {in_features} features, the norm has {features}")
         if not (usage.exclusive(d.weight) and usage.exclusive(d.bias)) or d.weight in seen:
-            return NoMatch(label, f"the weights of {d.label} are shared (tied or read elsewhere)")
+            return Skip(label, f"the weights of {d.label} are shared (tied or read elsewhere)")
         seen.add(d.weight)
     return AffineFold(info, tuple(layers))
 
@@ -166,8 +168,14 @@ def match(gm: GraphModule, node: Node, usage: TensorUsage) -> AffineFold | NoMat
 # --------------------------------------------------------------------------- rewrite
 
 
-def fold_into_layers(gm: GraphModule, ctx: PassContext, layers: tuple[DenseInfo, ...],
-                     gamma: str | None, beta: str | None, origin: str) -> None:
+def fold_into_layers(
+    gm: GraphModule,
+    ctx: PassContext,
+    layers: tuple[DenseInfo, ...],
+    gamma: str | None,
+    beta: str | None,
+    origin: str,
+) -> None:
     """Fold stored γ/β (FQNs, either may be None) into every layer (reads the tensors first)."""
     for d in layers:
         assert d.weight is not None
@@ -181,8 +189,9 @@ def fold_into_layers(gm: GraphModule, ctx: PassContext, layers: tuple[DenseInfo,
         has = (bias is not None, gamma is not None, beta is not None)
         out_dim = d.out_dim
 
-        def fn(w: Tensor, *rest: Tensor, has: tuple[bool, bool, bool] = has, out_dim: int = out_dim
-               ) -> tuple[Tensor, ...]:
+        def fn(
+            w: Tensor, *rest: Tensor, has: tuple[bool, bool, bool] = has, out_dim: int = out_dim
+        ) -> tuple[Tensor, ...]:
             it = iter(rest)
             b, g, be = (next(it) if h else None for h in has)
             nw, nb = fold_affine(w, b, g, be, out_dim=out_dim)
@@ -218,37 +227,38 @@ def apply(gm: GraphModule, m: AffineFold, ctx: PassContext) -> None:
 # --------------------------------------------------------------------------- pass
 
 
-class FoldNormAffine(Pass):
+class _FoldAffine(Rewrite[AffineFold]):
+    refused = "γ/β not foldable"
+
+    def __init__(self, gm: GraphModule, ctx: PassContext) -> None:
+        super().__init__(gm, ctx)
+        self.usage = TensorUsage.of(gm)
+
+    def match(self, candidate: Node) -> AffineFold | Skip | None:
+        return match(self.gm, candidate, self.usage)
+
+    def apply(self, found: AffineFold) -> Change:
+        change = Change(found.label, found.describe())
+        apply(self.gm, found, self.ctx)
+        self.usage = TensorUsage.of(self.gm)
+        return change
+
+
+class FoldNormAffine(RewritePass):
     name = "fold-norm-affine"
     summary = "fold LayerNorm/RMSNorm γ/β into the linear layers that read the norm (exact)"
     exact = True
 
-    def call(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        usage = [TensorUsage.of(gm)]
-
-        def find(node: Node) -> AffineFold | Skip | None:
-            found = match(gm, node, usage[0])
-            return Skip(found.label, found.reason) if isinstance(found, NoMatch) else found
-
-        def fold(found: AffineFold) -> Change:
-            change = Change(found.norm.label, found.describe())
-            apply(gm, found, ctx)
-            usage[0] = TensorUsage.of(gm)
-            return change
-
-        return rewrite_each(gm, find, fold)
-
-    def explain(self, gm: GraphModule, ctx: PassContext) -> dict[str, str]:
-        usage = TensorUsage.of(gm)
-        out: dict[str, str] = {}
-        for node in gm.graph.nodes:
-            found = match(gm, node, usage)
-            if isinstance(found, AffineFold):
-                out[node.name] = f"γ/β foldable into {', '.join(d.label for d in found.layers)}"
-            elif isinstance(found, NoMatch):
-                out[node.name] = f"γ/β not foldable: {found.reason}"
-        return out
+    def rewriter(self, gm: GraphModule, ctx: PassContext) -> _FoldAffine:
+        return _FoldAffine(gm, ctx)
 
 
-__all__ = ["AffineFold", "FoldNormAffine", "NoMatch", "dense_consumers", "drop_affine",
-           "fold_affine", "fold_into_layers", "match"]
+__all__ = [
+    "AffineFold",
+    "FoldNormAffine",
+    "dense_consumers",
+    "drop_affine",
+    "fold_affine",
+    "fold_into_layers",
+    "match",
+]

@@ -44,6 +44,7 @@ from torch.fx import GraphModule, Node
 
 from normrewrite.analysis.residual_stream import ResidualStream, StreamWriter, residual_streams
 from normrewrite.core.graph import (
+    Flavour,
     TensorUsage,
     add_parameter,
     erase_unused,
@@ -78,19 +79,20 @@ class StreamPlan:
     untie: tuple[str, ...]  # FQNs to give their own copy first (tied embeddings)
 
 
-@dataclass(frozen=True)
-class NoMatch:
-    labels: tuple[str, ...]
-    reason: str
-
-
-def plan(gm: GraphModule, stream: ResidualStream, usage: TensorUsage, untie: bool) -> StreamPlan | NoMatch:
+def plan(
+    gm: GraphModule, stream: ResidualStream, usage: TensorUsage, untie: bool
+) -> StreamPlan | tuple[Skip, ...]:
+    """The rewrite of one residual stream, or why not: one :class:`Skip` per norm reading it."""
     labels = tuple(node_label(n) for n in stream.readers)
+
+    def skip(reason: str) -> tuple[Skip, ...]:
+        return tuple(Skip(label, reason) for label in labels)
+
     if stream.problems:
         more = f" (and {len(stream.problems) - 1} more)" if len(stream.problems) > 1 else ""
-        return NoMatch(labels, stream.problems[0] + more)
+        return skip(stream.problems[0] + more)
     if not stream.writers:
-        return NoMatch(labels, "no writer of the stream found")
+        return skip("no writer of the stream found")
     reads_inside: dict[str, int] = {}
     for w in stream.writers:
         for fqn, _ in w.tensors:
@@ -104,16 +106,24 @@ def plan(gm: GraphModule, stream: ResidualStream, usage: TensorUsage, untie: boo
             if untie and w.kind in ("embedding", "constant") and w.node.op != "call_module":
                 to_untie.append(fqn)
                 continue
-            hint = " (ln-to-rmsnorm:untie=true gives it its own copy)" if w.kind in ("embedding", "constant") else ""
-            return NoMatch(labels, f"{fqn}, written into the stream by {w.label}, is also read elsewhere "
-                                   f"(a tied output head?){hint}")
+            hint = (
+                " (ln-to-rmsnorm:untie=true gives it its own copy)"
+                if w.kind in ("embedding", "constant")
+                else ""
+            )
+            return skip(
+                f"{fqn}, written into the stream by {w.label}, is also read elsewhere "
+                f"(a tied output head?){hint}"
+            )
     return StreamPlan(stream, tuple(dict.fromkeys(to_untie)))
 
 
 # --------------------------------------------------------------------------- rewrite
 
 
-def _untie(gm: GraphModule, ctx: PassContext, fqn: str, writers: tuple[StreamWriter, ...]) -> dict[str, str]:
+def _untie(
+    gm: GraphModule, ctx: PassContext, fqn: str, writers: tuple[StreamWriter, ...]
+) -> dict[str, str]:
     """Give the stream's readers of ``fqn`` a private copy; returns {old: new}."""
     owner, _, name = fqn.rpartition(".")
     new = add_parameter(gm, owner, f"{name}_centred", get_tensor(gm, fqn))
@@ -142,7 +152,9 @@ def recentre(gm: GraphModule, ctx: PassContext, p: StreamPlan) -> int:
             if fqn in done:
                 continue
             done.add(fqn)
-            compute_tensors(gm, ctx, [fqn], [fqn], lambda t, d=dim: (centre(t, d),), origin="ln-to-rmsnorm")
+            compute_tensors(
+                gm, ctx, [fqn], [fqn], lambda t, d=dim: (centre(t, d),), origin="ln-to-rmsnorm"
+            )
     return len(done)
 
 
@@ -151,17 +163,19 @@ def to_rmsnorm(gm: GraphModule, info: NormInfo) -> Node:
     node = info.op_node or info.node
     features = list(info.normalized_shape or ())
     eps = info.eps if info.eps is not None else 1e-5
-    aten_graph = flavour(gm) == "aten"
+    aten_flavour = flavour(gm) is Flavour.ATEN
     with gm.graph.inserting_before(node):
         weight = gm.graph.get_attr(info.weight) if info.weight else None
         bias = gm.graph.get_attr(info.bias) if info.bias else None
-        if aten_graph:
+        if aten_flavour:
             out = gm.graph.call_function(aten.rms_norm.default, (info.input, features, weight, eps))
         else:
             out = gm.graph.call_function(F.rms_norm, (info.input, tuple(features), weight, eps))
         out.meta = dict(info.node.meta)
         if bias is not None:
-            out = gm.graph.call_function(aten.add.Tensor if aten_graph else torch.add, (out, bias))
+            out = gm.graph.call_function(
+                aten.add.Tensor if aten_flavour else torch.add, (out, bias)
+            )
             out.meta = dict(info.node.meta)
     for g in (weight, bias):
         if g is not None:
@@ -178,7 +192,9 @@ def _unit_weight(gm: GraphModule, ctx: PassContext, info: NormInfo) -> str:
     assert ref is not None  # fold only runs on norms with γ or β
     owner, _, _ = ref.rpartition(".")
     fqn = add_parameter(gm, owner, "unit_weight", get_tensor(gm, ref).new_ones(features))
-    compute_tensors(gm, ctx, [fqn], [ref], lambda t, n=features: (t.new_ones(n),), origin="ln-to-rmsnorm")
+    compute_tensors(
+        gm, ctx, [fqn], [ref], lambda t, n=features: (t.new_ones(n),), origin="ln-to-rmsnorm"
+    )
     return fqn
 
 
@@ -208,13 +224,18 @@ class LnToRmsNorm(Pass):
         skipped: list[Skip] = []
         for stream in residual_streams(gm):
             found = plan(gm, stream, TensorUsage.of(gm), self.options.untie)
-            if isinstance(found, NoMatch):
-                skipped += [Skip(label, found.reason) for label in found.labels]
+            if isinstance(found, tuple):
+                skipped += found
                 continue
             n = recentre(gm, ctx, found)
             writers = ", ".join(w.label for w in stream.writers)
             untied = f"; untied {', '.join(found.untie)}" if found.untie else ""
-            changes.append(Change(writers, f"re-centred {n} tensors of {len(stream.writers)} stream writers{untied}"))
+            changes.append(
+                Change(
+                    writers,
+                    f"re-centred {n} tensors of {len(stream.writers)} stream writers{untied}",
+                )
+            )
             for ln in stream.readers:
                 info = norm_info(gm, ln)
                 assert info is not None
@@ -225,11 +246,20 @@ class LnToRmsNorm(Pass):
                         fold_into_layers(gm, ctx, m.layers, info.weight, info.bias, "ln-to-rmsnorm")
                         folded = f"; γ/β folded into {', '.join(d.label for d in m.layers)}"
                         ones = _unit_weight(gm, ctx, info) if self.options.unit_weight else None
-                        info = NormInfo(**{**info.__dict__, "weight": ones, "bias": None,
-                                           "has_weight": ones is not None, "has_bias": False})
+                        info = NormInfo(
+                            **{
+                                **info.__dict__,
+                                "weight": ones,
+                                "bias": None,
+                                "has_weight": ones is not None,
+                                "has_bias": False,
+                            }
+                        )
                 to_rmsnorm(gm, info)
                 kept = " + β" if info.bias else ""
-                changes.append(Change(label, f"LayerNorm → RMSNorm{kept} (eps={info.eps:g}){folded}"))
+                changes.append(
+                    Change(label, f"LayerNorm → RMSNorm{kept} (eps={info.eps:g}){folded}")
+                )
         if changes:
             gm.recompile()
         return PassResult(gm, bool(changes), changes, skipped)
@@ -240,9 +270,12 @@ class LnToRmsNorm(Pass):
         for stream in residual_streams(gm):
             found = plan(gm, stream, usage, self.options.untie)
             for ln in stream.readers:
-                out[ln.name] = (f"not convertible: {found.reason}" if isinstance(found, NoMatch)
-                                else f"convertible: stream written by {len(stream.writers)} ops")
+                out[ln.name] = (
+                    f"not convertible: {found[0].reason}"
+                    if isinstance(found, tuple)
+                    else f"convertible: stream written by {len(stream.writers)} ops"
+                )
         return out
 
 
-__all__ = ["LnToRmsNorm", "NoMatch", "StreamPlan", "centre", "plan", "recentre", "to_rmsnorm"]
+__all__ = ["LnToRmsNorm", "StreamPlan", "centre", "plan", "recentre", "to_rmsnorm"]

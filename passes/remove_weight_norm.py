@@ -46,15 +46,8 @@ from normrewrite.core.graph import (
     set_tensor,
 )
 from normrewrite.core.ops import call_args
-from normrewrite.core.pass_infra import (
-    Change,
-    Pass,
-    PassContext,
-    PassResult,
-    Skip,
-    TensorRecipe,
-    compute_tensors,
-)
+from normrewrite.core.pass_infra import Change, PassContext, Skip, TensorRecipe, compute_tensors
+from normrewrite.core.rewrite import Rewrite, RewritePass
 
 aten = torch.ops.aten
 
@@ -152,7 +145,9 @@ def match_graph(gm: GraphModule, node: Node) -> GraphMatch | None:
 
 def _chain(gm: GraphModule, mul: Node, a: object, b: object) -> GraphMatch | None:
     """mul(a, b) with b = div(c, ‖v‖) and {a, c} = {v, g}; v the tensor under the norm."""
-    if not (isinstance(b, Node) and b.op == "call_function" and b.target in _DIV and len(b.args) == 2):
+    if not (
+        isinstance(b, Node) and b.op == "call_function" and b.target in _DIV and len(b.args) == 2
+    ):
         return None
     c, norm = b.args
     if not (isinstance(norm, Node) and norm.op == "call_function" and norm.target in _NORM):
@@ -192,7 +187,11 @@ def match_modules(gm: nn.Module) -> tuple[list[ModuleMatch], list[Skip]]:
         for hook in mod._forward_pre_hooks.values():
             if isinstance(hook, WeightNorm):
                 name = hook.name
-                found.append(ModuleMatch(path, name, "hook", f"{prefix}{name}_g", f"{prefix}{name}_v", hook.dim))
+                found.append(
+                    ModuleMatch(
+                        path, name, "hook", f"{prefix}{name}_g", f"{prefix}{name}_v", hook.dim
+                    )
+                )
         if not parametrize.is_parametrized(mod):
             continue
         for name, plist in mod.parametrizations.items():
@@ -200,13 +199,21 @@ def match_modules(gm: nn.Module) -> tuple[list[ModuleMatch], list[Skip]]:
             if not wn:
                 continue
             if len(plist) != 1:
-                skipped.append(Skip(f"{prefix}{name}", "other parametrizations are stacked on the weight norm"))
+                skipped.append(
+                    Skip(f"{prefix}{name}", "other parametrizations are stacked on the weight norm")
+                )
                 continue
             if len(mod.parametrizations) != 1:
-                skipped.append(Skip(f"{prefix}{name}", "other tensors of the module are parametrized too"))
+                skipped.append(
+                    Skip(f"{prefix}{name}", "other tensors of the module are parametrized too")
+                )
                 continue
             base = f"{prefix}parametrizations.{name}"
-            found.append(ModuleMatch(path, name, "parametrize", f"{base}.original0", f"{base}.original1", wn[0].dim))
+            found.append(
+                ModuleMatch(
+                    path, name, "parametrize", f"{base}.original0", f"{base}.original1", wn[0].dim
+                )
+            )
     return found, skipped
 
 
@@ -287,41 +294,73 @@ def apply_module(gm: GraphModule, m: ModuleMatch, ctx: PassContext) -> str:
 # --------------------------------------------------------------------------- pass
 
 
-class RemoveWeightNorm(Pass):
+Candidate = ModuleMatch | Skip | Node
+
+
+class _Materialize(Rewrite[ModuleMatch | GraphMatch]):
+    """Candidates: the weight-norm hooks and parametrizations of the modules (symbolic_trace
+    graphs call them), then the graph's nodes (torch.export graphs compute the weight)."""
+
+    refused = "not materializable"
+
+    def candidates(self) -> list[Candidate]:
+        modules, skipped = match_modules(self.gm)
+        return [*modules, *skipped, *self.gm.graph.nodes]
+
+    def key(self, candidate: Candidate) -> str:
+        if isinstance(candidate, Node):
+            return candidate.name
+        return candidate.target if isinstance(candidate, Skip) else candidate.path or "<root>"
+
+    def match(self, candidate: Candidate) -> ModuleMatch | GraphMatch | Skip | None:
+        if not isinstance(candidate, Node):
+            return candidate
+        found = match_graph(self.gm, candidate)
+        if found is None and candidate.op == "call_function" and candidate.target in _WN_FUNCS:
+            return Skip(node_label(candidate), "g or v is computed in the graph, not stored")
+        return found
+
+    def apply(self, found: ModuleMatch | GraphMatch) -> Change:
+        if isinstance(found, ModuleMatch):
+            fqn = apply_module(self.gm, found, self.ctx)
+            return Change(
+                found.path or "<root>",
+                f"{found.name}: {found.api} weight norm materialized as {fqn}",
+            )
+        fqn = apply_graph(self.gm, found, self.ctx)
+        return Change(found.label, f"weight norm of {found.v} materialized as {fqn}")
+
+
+class RemoveWeightNorm(RewritePass):
     name = "remove-weight-norm"
-    summary = "store weight-normalized weights (hook or parametrization API) as plain weights (exact)"
+    summary = (
+        "store weight-normalized weights (hook or parametrization API) as plain weights (exact)"
+    )
     exact = True
 
-    def call(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        changes: list[Change] = []
-        modules, skipped = match_modules(gm)
-        for m in modules:
-            fqn = apply_module(gm, m, ctx)
-            changes.append(Change(m.path or "<root>", f"{m.name}: {m.api} weight norm materialized as {fqn}"))
-        for node in list(gm.graph.nodes):
-            if node.graph is None:
-                continue
-            found = match_graph(gm, node)
-            if found is None:
-                if node.op == "call_function" and node.target in _WN_FUNCS:
-                    skipped.append(Skip(node_label(node), "g or v is computed in the graph, not stored"))
-                continue
-            label = found.label
-            fqn = apply_graph(gm, found, ctx)
-            changes.append(Change(label, f"weight norm of {found.v} materialized as {fqn}"))
-        if changes:
-            gm.recompile()
-        return PassResult(gm, bool(changes), changes, skipped)
+    def rewriter(self, gm: GraphModule, ctx: PassContext) -> _Materialize:
+        return _Materialize(gm, ctx)
 
     def explain(self, gm: GraphModule, ctx: PassContext) -> dict[str, str]:
+        """Reported at the layers that read a weight computed by weight norm."""
+        rewrite = self.rewriter(gm, ctx)
         out: dict[str, str] = {}
         for node in gm.graph.nodes:
-            found = match_graph(gm, node)
-            if found is not None:
+            found = rewrite.match(node)
+            if isinstance(found, GraphMatch):
                 for u in found.output.users:
-                    out[u.name] = f"weight computed by weight norm from {found.g}, {found.v}: materializable"
+                    out[u.name] = (
+                        f"weight computed by weight norm from {found.g}, {found.v}: materializable"
+                    )
         return out
 
 
-__all__ = ["GraphMatch", "ModuleMatch", "RemoveWeightNorm", "match_graph", "match_modules",
-           "materialize", "reduced_dims"]
+__all__ = [
+    "GraphMatch",
+    "ModuleMatch",
+    "RemoveWeightNorm",
+    "match_graph",
+    "match_modules",
+    "materialize",
+    "reduced_dims",
+]

@@ -610,7 +610,7 @@ def test_harness_catches_a_slightly_wrong_fold(
     monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
 ) -> None:
     """The harness must fail on a fold that is off by a little (ε halved): it cannot pass vacuously."""
-    from normrewrite.passes import fold_bn
+    from normrewrite.passes.fold_bn import fx as fold_bn  # the module whose fold calls bn_affine
 
     torch.manual_seed(0)
     model = _Chain(nn.Conv2d(4, 6, 3, groups=2), nn.BatchNorm2d(6, eps=1e-3))

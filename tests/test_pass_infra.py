@@ -23,9 +23,11 @@ from normrewrite.core.pass_infra import (
     PassContext,
     PassManager,
     PassResult,
+    Skip,
     compute_tensors,
     parse_pass_spec,
 )
+from normrewrite.core.rewrite import Rewrite, Sweep, explain_each, rewrite_each
 from normrewrite.errors import PassError, UsageError
 from normrewrite.trace import trace
 
@@ -285,3 +287,71 @@ def test_passes_are_callable_on_a_graph_module_and_pass_instances_are_accepted()
         normrewrite.convert(model, passes=["nope"], example_inputs=(x,))
     with pytest.raises(UsageError, match="example_inputs are needed"):
         normrewrite.convert(model)
+
+
+# --------------------------------------------------------------------------- the match protocol
+
+
+@dataclass(frozen=True)
+class _Hit:
+    item: str
+
+    def preview(self) -> str:
+        return f"would take {self.item}"
+
+
+class _Letters(Rewrite[_Hit]):
+    """Candidates are letters; vowels match, 'x' is skipped. ``apply`` removes the letter, and
+    a candidate list listed again after a rewrite shows it."""
+
+    refused = "left"
+
+    def __init__(self, gm: GraphModule, letters: str) -> None:
+        super().__init__(gm, PassContext())
+        self.letters = list(letters)
+        self.log: list[str] = []
+
+    def candidates(self) -> list[str]:
+        self.log.append("list")
+        return list(self.letters)
+
+    def key(self, candidate: str) -> str:
+        return candidate
+
+    def match(self, candidate: str) -> _Hit | Skip | None:
+        if candidate == "x":
+            return Skip(candidate, "an x")
+        return _Hit(candidate) if candidate in "aeiou" else None
+
+    def prepare(self, matches: list[_Hit]) -> None:
+        self.log.append(f"prepare {len(matches)}")
+
+    def apply(self, found: _Hit) -> Change:
+        self.letters.remove(found.item)
+        self.log.append(f"apply {found.item}")
+        return Change(found.item, "taken")
+
+
+def _empty_gm() -> GraphModule:
+    return torch.fx.symbolic_trace(nn.Identity())
+
+
+@pytest.mark.parametrize("sweep", list(Sweep))
+def test_rewrite_each_sweeps(sweep: Sweep) -> None:
+    rewrite = _Letters(_empty_gm(), "bxaco")
+    result = rewrite_each(rewrite, sweep)
+    assert [c.target for c in result.changes] == ["a", "o"] and result.modified
+    assert result.skipped == [Skip("x", "an x")]
+    assert rewrite.letters == ["b", "x", "c"]
+    expected = {
+        Sweep.IN_ORDER: ["list", "apply a", "apply o"],
+        Sweep.MATCH_ALL_FIRST: ["list", "prepare 2", "apply a", "apply o"],
+        Sweep.UNTIL_NONE: ["list", "apply a", "list", "apply o", "list"],
+    }[sweep]
+    assert rewrite.log == expected
+
+
+def test_explain_each_is_the_matcher_read_only() -> None:
+    rewrite = _Letters(_empty_gm(), "bxa")
+    assert explain_each(rewrite) == {"x": "left: an x", "a": "would take a"}
+    assert rewrite.letters == ["b", "x", "a"] and "apply a" not in rewrite.log

@@ -16,6 +16,7 @@ Nothing here assumes real data: tensors may live on the ``meta`` device.
 
 from __future__ import annotations
 
+import enum
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -95,12 +96,19 @@ def count_ops(gm: GraphModule) -> int:
     return len(compute_nodes(gm))
 
 
-def flavour(gm: GraphModule) -> str:
-    """``"aten"`` for torch.export graphs, ``"module"`` for symbolic_trace graphs."""
+class Flavour(enum.StrEnum):
+    """The two kinds of fx graph normrewrite reads (see the module docstring)."""
+
+    MODULE = "module"  # torch.fx.symbolic_trace: call_module layers, torch/operator calls
+    ATEN = "aten"  # torch.export: ATen op overloads, get_attr parameter reads
+
+
+def flavour(gm: GraphModule) -> Flavour:
+    """:attr:`Flavour.ATEN` for torch.export graphs, :attr:`Flavour.MODULE` for symbolic_trace graphs."""
     for n in gm.graph.nodes:
         if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload):
-            return "aten"
-    return "module"
+            return Flavour.ATEN
+    return Flavour.MODULE
 
 
 # --------------------------------------------------------------------------- shapes
@@ -202,7 +210,9 @@ def add_parameter(gm: nn.Module, owner_path: str, base: str, value: torch.Tensor
     if name in owner.__dict__ or name in owner._parameters:
         owner._parameters.pop(name, None)
         owner.__dict__.pop(name, None)
-    owner.register_parameter(name, nn.Parameter(value.detach(), requires_grad=value.is_floating_point()))
+    owner.register_parameter(
+        name, nn.Parameter(value.detach(), requires_grad=value.is_floating_point())
+    )
     return f"{owner_path}.{name}" if owner_path else name
 
 
@@ -336,8 +346,11 @@ def replace_with_holder(gm: GraphModule, path: str) -> None:
         old = gm.get_submodule(path)
     except AttributeError:
         return
-    read = {str(n.target).rpartition(".")[2] for n in gm.graph.nodes
-            if n.op == "get_attr" and str(n.target).rpartition(".")[0] == path}
+    read = {
+        str(n.target).rpartition(".")[2]
+        for n in gm.graph.nodes
+        if n.op == "get_attr" and str(n.target).rpartition(".")[0] == path
+    }
     holder = nn.Module()
     for name, t in old._parameters.items():
         if name in read and t is not None:

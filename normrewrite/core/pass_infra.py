@@ -6,6 +6,8 @@ pass's precondition check (``requires``), the pass itself, then the postconditio
 they edit the GraphModule they are given and return it; callers that need the original keep a copy
 (:func:`normrewrite.convert` does). Options are a frozen dataclass per pass, parsed from the
 CLI's ``-p name:key=value`` strings with their declared types.
+
+Graph rewrites follow one match protocol on top of :class:`Pass`: see :mod:`normrewrite.core.rewrite`.
 """
 
 from __future__ import annotations
@@ -95,35 +97,12 @@ def compute_tensors(
     if isinstance(values, torch.Tensor):
         values = (values,)
     if len(values) != len(outputs):
-        raise PassError(f"tensor recipe from {origin or 'a pass'} returned {len(values)} tensors for {len(outputs)} names")
+        raise PassError(
+            f"tensor recipe from {origin or 'a pass'} returned {len(values)} tensors for {len(outputs)} names"
+        )
     for name, value in zip(outputs, values, strict=True):
         set_tensor(gm, name, value)
     ctx.recipes.append(TensorRecipe(tuple(outputs), tuple(inputs), fn, origin))
-
-
-def rewrite_each(
-    gm: GraphModule,
-    match: Callable[[Any], Any],
-    apply: Callable[[Any], Change],
-) -> PassResult:
-    """The usual pass driver: for every node still in the graph, in order, ``match(node)`` returns
-    None (not a candidate), a :class:`Skip` (a candidate left alone, with the reason) or a match
-    record, which ``apply`` rewrites and describes as a :class:`Change`."""
-    changes: list[Change] = []
-    skipped: list[Skip] = []
-    for node in list(gm.graph.nodes):
-        if node.graph is None:  # erased by an earlier rewrite
-            continue
-        found = match(node)
-        if found is None:
-            continue
-        if isinstance(found, Skip):
-            skipped.append(found)
-            continue
-        changes.append(apply(found))
-    if changes:
-        gm.recompile()
-    return PassResult(gm, bool(changes), changes, skipped)
 
 
 # --------------------------------------------------------------------------- options

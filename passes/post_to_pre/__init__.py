@@ -35,8 +35,6 @@ import copy
 from dataclasses import dataclass
 
 import networkx as nx
-import torch
-from torch import Tensor
 from torch.fx import GraphModule, Node
 
 from normrewrite.analysis.residual import (
@@ -47,17 +45,13 @@ from normrewrite.analysis.residual import (
     residual_sums,
     source,
 )
-from normrewrite.core.graph import add_parameter, erase_unused, get_tensor, to_networkx
+from normrewrite.core.graph import to_networkx
 from normrewrite.core.ops import norm_info
-from normrewrite.core.pass_infra import Change, Pass, PassContext, PassResult, Skip, compute_tensors
-from normrewrite.errors import PassError
+from normrewrite.core.pass_infra import Change, PassContext, PassResult, Skip
+from normrewrite.core.rewrite import M, Rewrite, RewritePass, Sweep, rewrite_each
+from normrewrite.errors import PassError, UsageError
 
-# --------------------------------------------------------------------------- tensor math
-
-
-def _copy(*tensors: Tensor) -> tuple[Tensor, ...]:
-    return tuple(t.detach().clone() for t in tensors)
-
+from .surgery import apply_post, apply_pre, copy_norm
 
 # --------------------------------------------------------------------------- matchers
 
@@ -72,6 +66,9 @@ class PostBlock:
     entries: tuple[Node, ...]  # branch nodes reading the skip value
     last: bool  # no residual sum downstream: the output needs a final norm
 
+    def preview(self) -> str:
+        return "would move to the start of its branch" + (" (+ final norm)" if self.last else "")
+
     def describe(self) -> str:
         text = f"moved from the residual sum to the start of the branch ({_where(self.placement)})"
         return text + ("; final norm added after the last block" if self.last else "")
@@ -84,17 +81,18 @@ class PreBlock:
     placement: NormPlacement
     skip: Node
     sum: Node
+    finals: tuple[NormPlacement, ...] = ()  # final norms on ``sum``, removed by the move
+
+    def preview(self) -> str:
+        return "would move onto its residual sum"
 
     def describe(self) -> str:
-        return (
+        text = (
             f"moved from the start of the branch onto the residual sum ({_where(self.placement)})"
         )
-
-
-@dataclass(frozen=True)
-class NoMatch:
-    label: str
-    reason: str
+        if self.finals:
+            text += f"; final norm {', '.join(f.norm.label for f in self.finals)} removed"
+        return text
 
 
 def _where(p: NormPlacement) -> str:
@@ -120,45 +118,55 @@ def match_post(
     g: nx.DiGraph,
     sums: set[str],
     planned: bool = False,
-) -> PostBlock | NoMatch | None:
+) -> PostBlock | Skip | None:
     """``planned``: ``p`` was a post norm when the pass started (once the other blocks are
     rewritten, the last block's post norm looks like a final norm)."""
     if p.residual is None or not (p.placement == "post" or (planned and p.placement == "final")):
         return None
     problem = _params_problem(p)
     if problem:
-        return NoMatch(p.norm.label, problem)
+        return Skip(p.norm.label, problem)
     total = p.residual.sum
     branches = _branches_of(res, total)
     skip = branches[0].skip
     entries = {n for r in branches for n in r.entries}
     if not entries:
-        return NoMatch(p.norm.label, "its branch does not read the skip value directly")
+        return Skip(p.norm.label, "its branch does not read the skip value directly")
     last = not (nx.descendants(g, p.norm.node.name) & sums)
     ordered = tuple(n for n in gm.graph.nodes if n in entries)
     return PostBlock(p, skip, total, ordered, last)
 
 
 def match_pre(
-    gm: GraphModule, p: NormPlacement, res: list[ResidualAdd]
-) -> PreBlock | NoMatch | None:
+    gm: GraphModule,
+    p: NormPlacement,
+    res: list[ResidualAdd],
+    places: list[NormPlacement],
+    final_names: set[str],
+) -> PreBlock | Skip | None:
+    """``final_names``: the final norms when the pass started (a moved norm can look final later)."""
     if p.placement != "pre" or p.residual is None:
         return None
     problem = _params_problem(p)
     if problem:
-        return NoMatch(p.norm.label, problem)
+        return Skip(p.norm.label, problem)
     total = p.residual.sum
     readers = set()
     for r in _branches_of(res, total):
         for q in norm_nodes_in(gm, r):
             readers.add(q)
     if len(readers) > 1:
-        return NoMatch(
+        return Skip(
             p.norm.label,
             f"the residual sum has {len(readers)} branches with their own pre norms (parallel "
             "residual): there is no single post norm to move them to",
         )
-    return PreBlock(p, p.residual.skip, total)
+    finals = tuple(
+        f
+        for f in places
+        if f.norm.node.name in final_names and f.residual is not None and f.residual.sum is total
+    )
+    return PreBlock(p, p.residual.skip, total, finals)
 
 
 def norm_nodes_in(gm: GraphModule, r: ResidualAdd) -> list[Node]:
@@ -175,123 +183,7 @@ def norm_nodes_in(gm: GraphModule, r: ResidualAdd) -> list[Node]:
     return out
 
 
-# --------------------------------------------------------------------------- graph surgery
-
-
-def _norm_ops(p: NormPlacement) -> list[Node]:
-    info = p.norm
-    if info.op_node is not None and info.op_node is not info.node:
-        return [info.op_node, info.node]
-    return [info.node]
-
-
-def copy_norm(
-    gm: GraphModule,
-    p: NormPlacement,
-    new_input: Node,
-    before: Node,
-    *,
-    params: dict[str, str] | None = None,
-    module: str | None = None,
-) -> Node:
-    """A copy of the norm ``p`` reading ``new_input``, inserted before ``before``.
-
-    Its ``get_attr`` parameter reads are copied beside it (``params`` renames their targets), so
-    the copy is valid wherever it lands; ``module`` retargets a ``call_module`` norm."""
-    old_input = p.norm.input
-    mapping: dict[Node, Node] = {}
-    with gm.graph.inserting_before(before):
-        for op in _norm_ops(p):
-            for a in op.all_input_nodes:
-                if a.op == "get_attr" and a not in mapping:
-                    mapping[a] = gm.graph.get_attr((params or {}).get(str(a.target), str(a.target)))
-                    mapping[a].meta = dict(a.meta)
-            new = gm.graph.node_copy(
-                op, lambda a: new_input if a is old_input else mapping.get(a, a)
-            )
-            if module is not None and new.op == "call_module":
-                new.target = module
-            mapping[op] = new
-    return mapping[p.norm.node]
-
-
-def _final_params(
-    gm: GraphModule, p: NormPlacement, ctx: PassContext, origin: str
-) -> tuple[str, dict[str, str]]:
-    """A new module path for a final norm and its parameters, copied from ``p``'s:
-    (path, old FQN → new FQN); for a ``call_module`` norm the path is a copy of its module."""
-    info = p.norm
-    base, i = "final_norm", 1
-    while hasattr(gm, base):
-        base, i = f"final_norm_{i}", i + 1
-    if info.node.op == "call_module":
-        mod = gm.get_submodule(str(info.node.target))
-        gm.add_submodule(base, copy.deepcopy(mod))
-        old = [f"{info.node.target}.{n}" for n, _ in mod.named_parameters()]
-        new = [f"{base}.{n}" for n, _ in mod.named_parameters()]
-        if old:
-            compute_tensors(gm, ctx, new, old, _copy, origin=origin)
-        return base, {}
-    gm.add_submodule(base, torch.nn.Module())
-    renames: dict[str, str] = {}
-    for fqn in (info.weight, info.bias):
-        if fqn is None:
-            continue
-        name = add_parameter(gm, base, fqn.rpartition(".")[2], get_tensor(gm, fqn))
-        renames[fqn] = name
-    if renames:
-        compute_tensors(gm, ctx, list(renames.values()), list(renames), _copy, origin=origin)
-    return base, renames
-
-
-def apply_post(gm: GraphModule, m: PostBlock, ctx: PassContext, origin: str) -> None:
-    p = m.placement
-    pre = copy_norm(gm, p, m.skip, m.entries[0])
-    for e in m.entries:
-        e.replace_input_with(m.skip, pre)
-    if m.last:
-        path, renames = _final_params(gm, p, ctx, origin)
-        module = path if p.norm.node.op == "call_module" else None
-        final = copy_norm(gm, p, m.sum, m.sum.next, params=renames, module=module)
-        _rename_module(final, path)
-        p.norm.node.replace_all_uses_with(final)
-    else:
-        p.norm.node.replace_all_uses_with(m.sum)
-    erase_unused(gm, reversed(_norm_ops(p)))
-
-
-def _rename_module(node: Node, path: str) -> None:
-    """Record ``path`` as the module a copied norm belongs to (for reports and ``inspect``)."""
-    for n in (node, *node.all_input_nodes):
-        stack = n.meta.get("nn_module_stack")
-        if n.op != "get_attr" and stack:
-            kind = list(stack.values())[-1][1]
-            n.meta["nn_module_stack"] = {**stack, path: (path, kind)}
-
-
-def apply_pre(gm: GraphModule, m: PreBlock, finals: list[NormPlacement]) -> None:
-    p = m.placement
-    for f in finals:  # the moved norm normalizes the output now
-        f.norm.node.replace_all_uses_with(f.norm.input)
-        erase_unused(gm, reversed(_norm_ops(f)))
-    p.norm.node.replace_all_uses_with(p.norm.input)
-    post = copy_norm(gm, p, m.sum, m.sum.next)
-    ops = _norm_ops_of(post)
-    m.sum.replace_all_uses_with(post, delete_user_cb=lambda u: u not in ops)
-    erase_unused(gm, reversed(_norm_ops(p)))
-
-
-def _norm_ops_of(node: Node) -> set[Node]:
-    """The norm output ``node`` and, for a tuple-returning op, the op it takes item 0 of."""
-    return {node, *(a for a in node.all_input_nodes if a.op != "get_attr")}
-
-
 # --------------------------------------------------------------------------- passes
-
-
-def _analyse(gm: GraphModule) -> tuple[list[ResidualAdd], list[NormPlacement]]:
-    res = residual_adds(gm)
-    return res, norm_placements(gm, res)
 
 
 def _no_residuals(name: str) -> PassError:
@@ -299,6 +191,68 @@ def _no_residuals(name: str) -> PassError:
         f"{name}: no residual connections found in the graph (no add of a value and a branch "
         "computed from it through a linear/conv/attention layer); nothing to move"
     )
+
+
+class _MoveNorms(Rewrite[M]):
+    """Candidates are the norm placements of a fresh residual analysis: each move changes the
+    blocks around it, so the driver rematches after every move (:attr:`Sweep.UNTIL_NONE`)."""
+
+    refused = "not movable"
+
+    def __init__(self, gm: GraphModule, ctx: PassContext) -> None:
+        super().__init__(gm, ctx)
+        self.residuals: list[ResidualAdd] = residual_adds(gm)
+        self.places = norm_placements(gm, self.residuals)
+        self.stale = False  # the graph changed since the analysis
+
+    def candidates(self) -> list[NormPlacement]:
+        if self.stale:
+            self.residuals = residual_adds(self.gm)
+            self.places = norm_placements(self.gm, self.residuals)
+            self.stale = False
+        return self.places
+
+    def key(self, candidate: NormPlacement) -> str:
+        return (candidate.norm.op_node or candidate.norm.node).name
+
+
+class _PostToPre(_MoveNorms[PostBlock]):
+    def __init__(self, gm: GraphModule, ctx: PassContext) -> None:
+        super().__init__(gm, ctx)
+        # post norms when the pass started: once the other blocks are rewritten, the last
+        # block's post norm looks like a final norm
+        self.planned = {p.norm.node.name for p in self.places if p.placement == "post"}
+        self.view: tuple[list[ResidualAdd], nx.DiGraph, set[str]] | None = None
+
+    def match(self, candidate: NormPlacement) -> PostBlock | Skip | None:
+        if candidate.norm.node.name not in self.planned:
+            return None
+        if self.view is None or self.view[0] is not self.residuals:  # once per analysis
+            sums = {s.name for s in residual_sums(self.residuals)}
+            self.view = (self.residuals, to_networkx(self.gm), sums)
+        _, g, sums = self.view
+        return match_post(self.gm, candidate, self.residuals, g, sums, planned=True)
+
+    def apply(self, found: PostBlock) -> Change:
+        change = Change(found.placement.norm.label, found.describe())
+        apply_post(self.gm, found, self.ctx, PostToPre.name)
+        self.stale = True
+        return change
+
+
+class _PreToPost(_MoveNorms[PreBlock]):
+    def __init__(self, gm: GraphModule, ctx: PassContext) -> None:
+        super().__init__(gm, ctx)
+        self.final_names = {p.norm.node.name for p in self.places if p.placement == "final"}
+
+    def match(self, candidate: NormPlacement) -> PreBlock | Skip | None:
+        return match_pre(self.gm, candidate, self.residuals, self.places, self.final_names)
+
+    def apply(self, found: PreBlock) -> Change:
+        change = Change(found.placement.norm.label, found.describe())
+        apply_pre(self.gm, found)
+        self.stale = True
+        return change
 
 
 @dataclass(frozen=True)
@@ -311,70 +265,45 @@ class PostToPreOptions:
     """inputs for healing: a .pt file (tensor or tuple of tensors, samples on dim 0) or .npz"""
 
 
-class PostToPre(Pass):
+class PostToPre(RewritePass):
     name = "post-to-pre"
     summary = (
         "move each Post-Norm block's norm to the start of its residual branch, add a final norm"
     )
     exact = False
-
+    sweep = Sweep.UNTIL_NONE
     Options = PostToPreOptions
 
     def validate_options(self) -> None:
-        from normrewrite.errors import UsageError
-
         if self.options.heal < 0:
             raise UsageError(f"pass {self.name}: heal must be ≥ 0 steps")
         if self.options.lr <= 0:
             raise UsageError(f"pass {self.name}: lr must be positive")
 
+    def rewriter(self, gm: GraphModule, ctx: PassContext) -> _PostToPre:
+        return _PostToPre(gm, ctx)
+
     def call(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        res, places = _analyse(gm)
-        if not res:
+        rewrite = self.rewriter(gm, ctx)
+        if not rewrite.residuals:
             raise _no_residuals(self.name)
-        planned = {p.norm.node.name for p in places if p.placement == "post"}
         teacher = None
         if self.options.heal:
             teacher = ctx.reference if ctx.reference is not None else copy.deepcopy(gm)
-        changes: list[Change] = []
-        skipped: dict[str, Skip] = {}
-        done: set[str] = set()
-        while True:
-            g = to_networkx(gm)
-            sums = {s.name for s in residual_sums(res)}
-            todo = None
-            for p in places:
-                if p.norm.node.name in done or p.norm.node.name not in planned:
-                    continue
-                found = match_post(gm, p, res, g, sums, planned=True)
-                if isinstance(found, NoMatch):
-                    skipped[found.label] = Skip(found.label, found.reason)
-                    done.add(p.norm.node.name)
-                elif found is not None:
-                    todo = found
-                    break
-            if todo is None:
-                break
-            label = todo.placement.norm.label
-            apply_post(gm, todo, ctx, self.name)
-            changes.append(Change(label, todo.describe()))
-            done.add(todo.placement.norm.node.name)
-            res, places = _analyse(gm)
-        notes: list[str] = []
-        if not changes:
-            kinds = sorted({p.placement for p in places})
-            notes.append(
+        result = rewrite_each(rewrite, self.sweep)
+        if not result.changes:
+            kinds = sorted({p.placement for p in rewrite.places})
+            result.notes.append(
                 f"no Post-Norm blocks found (norm placements: {', '.join(kinds) or 'none'}); nothing to do"
             )
-        else:
-            notes.append(
-                "post-to-pre changes the architecture: the output differs from the original "
-                "(see verify; heal=STEPS fine-tunes towards it)"
-            )
-        if changes and self.options.heal:
+            return result
+        result.notes.append(
+            "post-to-pre changes the architecture: the output differs from the original "
+            "(see verify; heal=STEPS fine-tunes towards it)"
+        )
+        if teacher is not None:
             from normrewrite.passes.post_to_pre.heal import heal
 
-            assert teacher is not None
             h = heal(
                 gm,
                 teacher,
@@ -384,87 +313,30 @@ class PostToPre(Pass):
                 data=self.options.heal_data,
                 origin=self.name,
             )
-            notes.append(h.describe())
-        gm.recompile()
-        return PassResult(gm, bool(changes), changes, list(skipped.values()), notes)
-
-    def explain(self, gm: GraphModule, ctx: PassContext) -> dict[str, str]:
-        res, places = _analyse(gm)
-        g = to_networkx(gm)
-        sums = {s.name for s in residual_sums(res)}
-        out: dict[str, str] = {}
-        for p in places:
-            found = match_post(gm, p, res, g, sums)
-            key = (p.norm.op_node or p.norm.node).name
-            if isinstance(found, PostBlock):
-                out[key] = "would move to the start of its branch" + (
-                    " (+ final norm)" if found.last else ""
-                )
-            elif isinstance(found, NoMatch):
-                out[key] = f"not movable: {found.reason}"
-        return out
+            result.notes.append(h.describe())
+        return result
 
 
-class PreToPost(Pass):
+class PreToPost(RewritePass):
     name = "pre-to-post"
     summary = "move each Pre-Norm block's norm onto its residual sum, drop the final norm"
     exact = False
+    sweep = Sweep.UNTIL_NONE
+
+    def rewriter(self, gm: GraphModule, ctx: PassContext) -> _PreToPost:
+        return _PreToPost(gm, ctx)
 
     def call(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        res, places = _analyse(gm)
-        if not res:
+        rewrite = self.rewriter(gm, ctx)
+        if not rewrite.residuals:
             raise _no_residuals(self.name)
-        final_names = {p.norm.node.name for p in places if p.placement == "final"}
-        changes: list[Change] = []
-        skipped: dict[str, Skip] = {}
-        done: set[str] = set()
-        while True:
-            todo = None
-            for p in places:
-                if p.norm.node.name in done:
-                    continue
-                found = match_pre(gm, p, res)
-                if isinstance(found, NoMatch):
-                    skipped[found.label] = Skip(found.label, found.reason)
-                    done.add(p.norm.node.name)
-                elif found is not None:
-                    todo = found
-                    break
-            if todo is None:
-                break
-            finals = [
-                f
-                for f in places
-                if f.norm.node.name in final_names
-                and f.residual is not None
-                and f.residual.sum is todo.sum
-            ]
-            label = todo.placement.norm.label
-            apply_pre(gm, todo, finals)
-            text = todo.describe()
-            if finals:
-                text += f"; final norm {', '.join(f.norm.label for f in finals)} removed"
-            changes.append(Change(label, text))
-            res, places = _analyse(gm)
-        notes = [] if changes else ["no Pre-Norm blocks found; nothing to do"]
-        gm.recompile()
-        return PassResult(gm, bool(changes), changes, list(skipped.values()), notes)
-
-    def explain(self, gm: GraphModule, ctx: PassContext) -> dict[str, str]:
-        res, places = _analyse(gm)
-        out: dict[str, str] = {}
-        for p in places:
-            found = match_pre(gm, p, res)
-            key = (p.norm.op_node or p.norm.node).name
-            if isinstance(found, PreBlock):
-                out[key] = "would move onto its residual sum"
-            elif isinstance(found, NoMatch):
-                out[key] = f"not movable: {found.reason}"
-        return out
+        result = rewrite_each(rewrite, self.sweep)
+        if not result.changes:
+            result.notes.append("no Pre-Norm blocks found; nothing to do")
+        return result
 
 
 __all__ = [
-    "NoMatch",
     "PostBlock",
     "PostToPre",
     "PreBlock",

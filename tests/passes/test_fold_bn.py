@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from models import randomize_norms
 from normrewrite.passes import FoldBatchNorm
 from normrewrite.passes.fold_bn import bn_affine, fold_input, fold_output
+from normrewrite.passes.fold_bn.conditions import bad_statistics
 from torch import nn
 from torch.fx import GraphModule
 
@@ -507,8 +508,8 @@ NEGATIVES = [
     Negative("conv-output-two-users", TwoUsers, (2, 4, 7, 7), "has 2 users"),
     Negative("conv-called-twice", SharedConv, (2, 4, 7, 7), "fold-bn:shared=clone"),
     Negative("tied-weights", TiedConv, (2, 4, 7, 7), "fold-bn:shared=clone"),
-    Negative("linear-NLF-bn1d-L", LinearSeq, (2, 6, 6), "not the Linear's output features"),
-    Negative("bn1d-L-linear-NLF", SeqLinear, (2, 6, 6), "not the Linear's input features"),
+    Negative("linear-NLF-bn1d-L", LinearSeq, (2, 6, 6), "not the output features"),
+    Negative("bn1d-L-linear-NLF", SeqLinear, (2, 6, 6), "not the input features"),
     Negative("bn-relu-conv", BNReluConv, (2, 4, 7, 7), "no conv/linear directly before or after"),
     Negative(
         "bn-zero-padded-conv",
@@ -585,6 +586,52 @@ def test_training_mode_bn_is_refused(tracer: str) -> None:
     [skip] = result.skipped
     assert "training mode" in skip.reason
     assert len(batchnorms(gm)) == 1
+
+
+BAD_STATISTICS = {
+    "negative-var": ("running_var", -0.5, "running_var has 1 negative values"),
+    "nan-var": ("running_var", float("nan"), "running_var has 1 non-finite values"),
+    "nan-mean": ("running_mean", float("nan"), "running_mean has 1 non-finite values"),
+    "inf-mean": ("running_mean", float("inf"), "running_mean has 1 non-finite values"),
+    "inf-gamma": ("weight", float("inf"), "γ has 1 non-finite values"),
+    "nan-beta": ("bias", float("nan"), "β has 1 non-finite values"),
+}
+
+
+@pytest.mark.parametrize("tracer", TRACERS)
+@pytest.mark.parametrize("case", BAD_STATISTICS, ids=list(BAD_STATISTICS))
+def test_invalid_statistics_are_refused(case: str, tracer: str) -> None:
+    """A BN whose statistics are not a real affine map (issue 10 item 6) is skipped with the
+    reason: folding it would write NaN/inf weights."""
+    tensor, value, reason = BAD_STATISTICS[case]
+    torch.manual_seed(0)
+    model = randomize_norms(nn.Sequential(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6)), seed=1).eval()
+    with torch.no_grad():
+        getattr(model[1], tensor)[2] = value
+    x = torch.randn(2, 4, 7, 7)
+    gm = trace(model, (x,), tracer).graph_module
+    weight = get_tensor(gm, "0.weight").clone()
+    code = gm.code
+    result = FoldBatchNorm()(gm)
+    assert not result.modified and result.changes == []
+    [skip] = result.skipped
+    assert skip.target == "1" and reason in skip.reason and "NaN/inf weights" in skip.reason, skip
+    assert gm.code == code and len(batchnorms(gm)) == 1
+    assert torch.equal(get_tensor(gm, "0.weight"), weight)
+    explained = FoldBatchNorm().explain(gm, PassContext())
+    assert any(t.startswith("not foldable: ") and reason in t for t in explained.values()), explained
+
+
+def test_statistics_on_meta_are_not_judged() -> None:
+    """On ``meta`` tensors (the --meta path) the values are unknown: the check passes."""
+    meta = torch.full((3,), -1.0, device="meta")
+    assert bad_statistics(meta, meta, meta, meta) is None
+    real = torch.tensor([1.0, -1.0, 2.0])
+    assert bad_statistics(torch.zeros(3), real) == (
+        "running_var has 1 negative values: not a valid BatchNorm, folding would write NaN/inf weights"
+    )
+    assert bad_statistics(torch.zeros(3), torch.ones(3), torch.ones(3), None) is None
+    assert bad_statistics(torch.zeros(3), torch.zeros(3)) is None  # var = 0 is valid (ε > 0)
 
 
 def test_convert_switches_training_model_to_eval_with_a_note() -> None:
