@@ -60,7 +60,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from normrewrite.core.graph import is_bookkeeping, node_label, node_shape
-from normrewrite.core.ops import ConvInfo, NormInfo, _normalized, conv_info, linear_info, norm_info
+from normrewrite.core.ops import ConvInfo, NormInfo, call_args, conv_info, linear_info, norm_info
 
 Status = Literal["invariant", "not-invariant", "undecided"]
 
@@ -570,7 +570,7 @@ class _Analysis:
                 if hasattr(mod, "weight")
                 else _u("embedding")
             )
-        kw = _normalized(n, self.gm)
+        kw = call_args(self.gm, n)
         w = kw.get("weight")
         idx = kw.get("indices", kw.get("input"))
         if self.get(idx).kind != "I":
@@ -580,7 +580,7 @@ class _Analysis:
     def _arg(self, n: Node, name: str, fqn: str | None) -> St:
         if n.op == "call_module":
             return self.param_state(fqn)
-        kw = _normalized(n, self.gm)
+        kw = call_args(self.gm, n)
         return self.get(kw.get(name))
 
     def layer(self, n: Node, info: Any) -> St:
@@ -781,7 +781,7 @@ def _roles(gm: GraphModule) -> dict[str, str]:
             if n.op == "call_module":
                 roles.setdefault(f"{n.target}.weight", "embedding")
             else:
-                w = _normalized(n, gm).get("weight")
+                w = call_args(gm, n).get("weight")
                 if isinstance(w, Node) and w.op == "get_attr":
                     roles.setdefault(str(w.target), "embedding")
     return roles
