@@ -170,6 +170,7 @@ MODULE_OPS: tuple[tuple[type[nn.Module] | tuple[type[nn.Module], ...], str], ...
     (nn.Flatten, "flatten"),
     (nn.Unflatten, "unflatten"),
     (nn.Upsample, "interpolate"),
+    (nn.Embedding, "embedding"),
     ((nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.Softmax, nn.ELU, nn.Hardtanh, nn.ReLU6,
       nn.Softplus, nn.Mish, nn.Hardswish, nn.Hardsigmoid), "gelu"),  # any non-homogeneous one
 )

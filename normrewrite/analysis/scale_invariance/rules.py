@@ -155,14 +155,15 @@ def attention(p: Propagation, n: Node) -> State:
 
 
 def embedding(p: Propagation, n: Node) -> State:
+    """``(c·W)[i] = c·W[i]``, unless rows are renormalized (``max_norm``)."""
     if n.op == "call_module":
         mod = p.gm.get_submodule(str(n.target))
-        return (
-            p.param_state(f"{n.target}.weight")
-            if hasattr(mod, "weight")
-            else undecided("embedding")
-        )
+        if getattr(mod, "max_norm", None) is not None:
+            return undecided(f"{node_label(n)} renormalizes the rows it reads (max_norm)")
+        return p.param_state(f"{n.target}.weight")
     kw = call_args(p.gm, n)
+    if kw.get("max_norm") is not None:
+        return undecided(f"{node_label(n)} renormalizes the rows it reads (max_norm)")
     w = kw.get("weight")
     idx = kw.get("indices", kw.get("input"))
     if p.get(idx).kind != "I":
