@@ -26,6 +26,7 @@ exactly when nothing but LayerNorms reads the stream. It only reads the graph.
 from __future__ import annotations
 
 import operator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import networkx as nx
@@ -77,10 +78,11 @@ def _dim(d: int, rank: int) -> int:
 
 def _is(
     node: Node,
-    atens: set[object],
-    funcs: set[object] = frozenset(),
-    methods: set[str] = frozenset(),
-) -> bool:  # type: ignore[assignment]
+    atens: AbstractSet[object],
+    funcs: AbstractSet[object] = frozenset(),
+    methods: AbstractSet[str] = frozenset(),
+) -> bool:
+    """``node`` calls one of ``atens`` / ``funcs``, or is a method call named in ``methods``."""
     if node.op == "call_function":
         return node.target in atens or node.target in funcs
     return node.op == "call_method" and node.target in methods
