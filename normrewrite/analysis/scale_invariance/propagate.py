@@ -134,8 +134,10 @@ class Propagation:
         norm, conv, lin, name = self.ops(n)
         if norm is not None:
             return rules.norm(self, n, norm)
-        if conv is not None or lin is not None:
-            return rules.layer(self, n, conv or lin)  # type: ignore[arg-type]
+        if conv is not None:
+            return rules.layer(self, n, conv)
+        if lin is not None:
+            return rules.layer(self, n, lin)
         rule = OP_RULES.get(name)
         if rule is Rule.EMBEDDING:
             return rules.embedding(self, n)
