@@ -288,3 +288,32 @@ def test_activation_modules(act: type[nn.Module]) -> None:
     homogeneous = act in (nn.ReLU, nn.LeakyReLU)
     assert si.claim("0.weight").status == ("invariant" if homogeneous else "not-invariant")
     _check_claims(model, x, si, train=False)
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_embedding_table(tracer: str) -> None:
+    """(c·W)[i] = c·W[i]: a table feeding a norm is invariant, as an nn.Embedding module (fx)
+    and as aten.embedding (export); max_norm renormalizes rows, so no claim is made then."""
+    model = models.randomize_norms(
+        nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8, bias=False), nn.LayerNorm(8, eps=EPS))
+    )
+    x = (torch.tensor([[1, 2, 3, 7]]),)
+    si = scale_invariant_params(model, x, tracer=tracer)
+    claim = si.claim("0.weight")
+    assert (claim.role, claim.status, claim.condition) == ("embedding", "invariant", "always")
+    assert si.claim("1.weight").status == "invariant"
+    _check_claims(model, x, si, train=False)
+
+
+def test_embedding_max_norm_is_undecided() -> None:
+    model = nn.Sequential(nn.Embedding(10, 8, max_norm=1.0), nn.LayerNorm(8, eps=EPS))
+    si = scale_invariant_params(model, (torch.tensor([[1, 2]]),), tracer="fx")
+    claim = si.claim("0.weight")
+    assert claim.status == "undecided" and "max_norm" in claim.reason
+
+
+def test_every_module_op_has_a_rule() -> None:
+    """A module class mapped to an op name the table does not know would always be undecided."""
+    from normrewrite.analysis.scale_invariance.op_table import MODULE_OPS, OP_RULES
+
+    assert [name for _, name in MODULE_OPS if name not in OP_RULES] == []

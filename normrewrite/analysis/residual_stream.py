@@ -26,6 +26,7 @@ exactly when nothing but LayerNorms reads the stream. It only reads the graph.
 from __future__ import annotations
 
 import operator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import networkx as nx
@@ -38,9 +39,6 @@ from normrewrite.core.graph import get_tensor, node_dtype, node_label, node_shap
 from normrewrite.core.ops import called_module, conv_info, dense_info, norm_info
 
 aten = torch.ops.aten
-
-
-
 
 
 @dataclass(frozen=True)
@@ -78,7 +76,13 @@ def _dim(d: int, rank: int) -> int:
     return d + rank if d < 0 else d
 
 
-def _is(node: Node, atens: set[object], funcs: set[object] = frozenset(), methods: set[str] = frozenset()) -> bool:  # type: ignore[assignment]
+def _is(
+    node: Node,
+    atens: AbstractSet[object],
+    funcs: AbstractSet[object] = frozenset(),
+    methods: AbstractSet[str] = frozenset(),
+) -> bool:
+    """``node`` calls one of ``atens`` / ``funcs``, or is a method call named in ``methods``."""
     if node.op == "call_function":
         return node.target in atens or node.target in funcs
     return node.op == "call_method" and node.target in methods
@@ -90,10 +94,19 @@ def _passthrough(gm: GraphModule, node: Node) -> bool:
         return not bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("train", False))
     if node.op == "call_function" and node.target is F.dropout:
         return not bool(node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True))
-    if _is(node, {aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default},
-           {torch.clone}, {"clone", "contiguous", "detach"}):
+    if _is(
+        node,
+        {aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default},
+        {torch.clone},
+        {"clone", "contiguous", "detach"},
+    ):
         return True
-    if _is(node, {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default}, set(), {"to", "float", "type_as"}):
+    if _is(
+        node,
+        {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default},
+        set(),
+        {"to", "float", "type_as"},
+    ):
         src = node.args[0] if node.args else None
         return node_dtype(src) is not None and node_dtype(src) == node_dtype(node)
     mod = called_module(gm, node)
@@ -114,11 +127,21 @@ def _embedding(gm: GraphModule, node: Node) -> str | None:
     return None
 
 
-_ADD = ({aten.add.Tensor, aten.sub.Tensor}, {operator.add, operator.sub, torch.add, torch.sub},
-        {"add", "sub", "__add__", "__sub__"})
-_SCALE = ({aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar},
-          {operator.mul, operator.truediv, torch.mul, torch.div}, {"mul", "div"})
-_VIEW = ({aten.view.default, aten.reshape.default, aten._unsafe_view.default}, {torch.reshape}, {"view", "reshape"})
+_ADD = (
+    {aten.add.Tensor, aten.sub.Tensor},
+    {operator.add, operator.sub, torch.add, torch.sub},
+    {"add", "sub", "__add__", "__sub__"},
+)
+_SCALE = (
+    {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar},
+    {operator.mul, operator.truediv, torch.mul, torch.div},
+    {"mul", "div"},
+)
+_VIEW = (
+    {aten.view.default, aten.reshape.default, aten._unsafe_view.default},
+    {torch.reshape},
+    {"view", "reshape"},
+)
 
 
 # --------------------------------------------------------------------------- walk
@@ -135,9 +158,13 @@ class _Walk:
 
     def visit(self, node: Node, axis: int, reader: Node) -> None:
         if node in self.layernorms:  # a stream made of a LayerNorm's output: Post-LN
-            self.problems.setdefault(reader, (
-                f"the stream at {node_label(reader)} is built on the output of the LayerNorm "
-                f"{node_label(node)} (Post-LN: the next branch reads the sum un-normalized)"))
+            self.problems.setdefault(
+                reader,
+                (
+                    f"the stream at {node_label(reader)} is built on the output of the LayerNorm "
+                    f"{node_label(node)} (Post-LN: the next branch reads the sum un-normalized)"
+                ),
+            )
             return
         self.edges.append((reader, node))
         if node in self.axis or node in self.writers:
@@ -159,12 +186,23 @@ class _Walk:
     def _writer(self, node: Node, axis: int, rank: int) -> StreamWriter | None:
         gm = self.gm
         d = dense_info(gm, node)
-        if d is not None and axis == rank - 1 and d.weight is not None and (d.bias or not d.has_bias):
+        if (
+            d is not None
+            and axis == rank - 1
+            and d.weight is not None
+            and (d.bias or not d.has_bias)
+        ):
             tensors = ((d.weight, d.out_dim),) + (((d.bias, 0),) if d.bias else ())
             return StreamWriter(node, "linear", tensors)
         c = conv_info(gm, node)
-        if c is not None and axis == 1 and not c.transposed and c.groups == 1 and c.weight is not None \
-                and (c.bias or not c.has_bias):
+        if (
+            c is not None
+            and axis == 1
+            and not c.transposed
+            and c.groups == 1
+            and c.weight is not None
+            and (c.bias or not c.has_bias)
+        ):
             return StreamWriter(node, "conv", ((c.weight, 0),) + (((c.bias, 0),) if c.bias else ()))
         table = _embedding(gm, node)
         if table is not None and axis == rank - 1:
@@ -199,7 +237,11 @@ class _Walk:
             a, b = node.args
             if isinstance(a, Node) and isinstance(b, int | float):
                 return [(a, axis)]
-            if isinstance(b, Node) and isinstance(a, int | float) and node.target in (aten.mul.Tensor, operator.mul):
+            if (
+                isinstance(b, Node)
+                and isinstance(a, int | float)
+                and node.target in (aten.mul.Tensor, operator.mul)
+            ):
                 return [(b, axis)]
         if _is(node, *_VIEW):
             src = node.args[0]
@@ -248,9 +290,16 @@ class _Walk:
             r_in = rank + 1
             dim = _dim(int(node.args[1]), r_in)
             return [(node.args[0], axis if axis < dim else axis + 1)]
-        what = node.target if node.op != "call_function" else getattr(node.target, "__name__", node.target)
+        what = (
+            node.target
+            if node.op != "call_function"
+            else getattr(node.target, "__name__", node.target)
+        )
         if node.op == "placeholder":
-            fail(node, f"the stream starts at the model input {node.name}, which cannot be re-centred")
+            fail(
+                node,
+                f"the stream starts at the model input {node.name}, which cannot be re-centred",
+            )
         else:
             fail(node, f"the stream is written by {node.name} ({what}), which cannot be re-centred")
         return []
@@ -261,8 +310,13 @@ def layernorm_readers(gm: GraphModule) -> list[Node]:
     out = []
     for n in gm.graph.nodes:
         info = norm_info(gm, n)
-        if info is not None and info.kind == "layernorm" and info.normalized_shape \
-                and len(info.normalized_shape) == 1 and isinstance(info.input, Node):
+        if (
+            info is not None
+            and info.kind == "layernorm"
+            and info.normalized_shape
+            and len(info.normalized_shape) == 1
+            and isinstance(info.input, Node)
+        ):
             out.append(info.node)
     return out
 
@@ -290,7 +344,9 @@ def residual_streams(gm: GraphModule) -> list[ResidualStream]:
         writers = tuple(walk.writers[n] for n in comp if n in walk.writers)
         readers = tuple(n for n in lns if n in comp)
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        problems = [walk.problems[n] for n in sorted(comp, key=order.__getitem__) if n in walk.problems]
+        problems = [
+            walk.problems[n] for n in sorted(comp, key=order.__getitem__) if n in walk.problems
+        ]
         inside = set(values) | {w.node for w in writers}
         for v in [*values, *(w.node for w in writers)]:
             for u in users(v):
@@ -299,13 +355,17 @@ def residual_streams(gm: GraphModule) -> list[ResidualStream]:
                 if u.op == "output":
                     problems.append(f"the stream value {v.name} is a model output")
                 else:
-                    problems.append(f"the stream value {v.name} is also read by {u.name}, not through a LayerNorm")
+                    problems.append(
+                        f"the stream value {v.name} is also read by {u.name}, not through a LayerNorm"
+                    )
         writers = tuple(sorted(writers, key=lambda w: order[w.node]))
         features = None
         if readers:
             info = norm_info(gm, readers[0])
             features = info.normalized_shape[0] if info and info.normalized_shape else None
-        streams.append(ResidualStream(values, writers, readers, features, tuple(dict.fromkeys(problems))))
+        streams.append(
+            ResidualStream(values, writers, readers, features, tuple(dict.fromkeys(problems)))
+        )
     return streams
 
 
