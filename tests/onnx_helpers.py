@@ -21,7 +21,9 @@ from normrewrite.emit.onnx.pipeline import emit_program
 def write_onnx(gm: torch.nn.Module, inputs: tuple[Any, ...], path: Path, **options: Any) -> Path:
     """Export ``gm`` (a rewritten GraphModule) to ``path`` through the shipped ONNX pipeline;
     ``options`` are :class:`OnnxOptions` fields (``opset=23``, ``target="ort"`` …)."""
-    emit_program(export_program(gm, tuple(inputs)), Path(path), inputs, None, OnnxOptions(**options))
+    emit_program(
+        export_program(gm, tuple(inputs)), Path(path), inputs, None, OnnxOptions(**options)
+    )
     return Path(path)
 
 
