@@ -253,13 +253,13 @@ def convert_onnx_file(
     and write each output. Returns (model, :class:`~normrewrite.report.Report`)."""
     from normrewrite.report import OutputReport, PassReport, Report, VerifyReport
 
-    for out in outputs:
-        if not str(out).endswith(".onnx"):
-            raise UsageError(f"{src} is an ONNX model: it can only be written as .onnx, not {out}")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     stage("loading the ONNX model")
-    model = load_onnx(src, limits)
+    model = load_onnx(src, limits)  # first: a file that is no ONNX model says so
+    for out in outputs:
+        if not str(out).endswith(".onnx"):
+            raise UsageError(f"{src} is an ONNX model: it can only be written as .onnx, not {out}")
     notes: list[str] = []
     if options.opset is not None and options.opset != model_opset(model):
         notes.append(f"converted from opset {model_opset(model)} to {options.opset}")
