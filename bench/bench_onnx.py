@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 import models  # noqa: E402
 
 import normrewrite  # noqa: E402
-from normrewrite import onnx_io  # noqa: E402
-from normrewrite.onnx_io import OnnxOptions  # noqa: E402
+from normrewrite.core.onnx_graph import default_opset  # noqa: E402
+from normrewrite.emit.onnx.options import OnnxOptions  # noqa: E402
 
 
 def build(name: str, quick: bool) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
@@ -119,7 +119,7 @@ def measure(path: Path, inputs: tuple, runs: int) -> dict[str, Any]:
 
 def bench_model(name: str, quick: bool, runs: int, work: Path) -> dict[str, Any]:
     module, inputs = build(name, quick)
-    opset = onnx_io.default_opset()
+    opset = default_opset()
     rows: dict[str, Any] = {}
     a, b = work / f"{name}_a.onnx", work / f"{name}_b.onnx"
     export(module, inputs, a, False, opset)

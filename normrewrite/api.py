@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -33,6 +33,9 @@ from normrewrite.passes import REGISTRY
 from normrewrite.report import OutputReport, PassReport, Report, VerifyReport
 from normrewrite.trace import Tracer, on_meta, trace
 from normrewrite.verify import compare, run
+
+if TYPE_CHECKING:
+    from normrewrite.load.onnx import OnnxLimits
 
 ModelLike = str | os.PathLike[str] | nn.Module | LoadedModel
 
@@ -173,7 +176,7 @@ def convert(
 ) -> ConvertResult:
     """Load, trace, rewrite, verify and (optionally) write ``model``.
 
-    ``onnx_options`` (:class:`normrewrite.onnx_io.OnnxOptions`): how ONNX outputs are emitted
+    ``onnx_options`` (:class:`normrewrite.emit.onnx.options.OnnxOptions`): how ONNX outputs are emitted
     (opset, target runtime, dynamic axes, dtype). A ``.onnx`` ``model`` is rewritten ONNX in →
     ONNX out with the ONNX forms of the passes (no torch tracing).
 
@@ -213,7 +216,7 @@ def convert(
             model = _load(model, example_inputs, input_specs, trust_remote_code, seed, trust_pickle)
             reference32 = _cast_model(model, onnx_opts)
             example_inputs = model.example_inputs
-            from normrewrite.onnx_io import DTYPE_RTOL
+            from normrewrite.emit.onnx.options import DTYPE_RTOL
 
             rtol = max(rtol, DTYPE_RTOL[onnx_opts.dtype])  # the torch-side checks run in that dtype too
         loaded, gm, tracer_used, notes = prepare(
@@ -317,23 +320,12 @@ def _write(
     if fmt == "pt2":
         r = _emit.write_pt2(ep, path)
         return OutputReport(r.path, r.format)
-    if fmt == "onnx":
-        def gate(cmp: Any) -> None:
-            if report.exact and not cmp.within(max(rtol, 1e-4)):
-                raise VerifyError(
-                    f"onnxruntime output of {path} differs from the original model: max rel err "
-                    f"{cmp.max_rel_err:.3g} > {max(rtol, 1e-4):g}; nothing written"
-                )
-
-        r = _emit.write_onnx(ep, path, inputs, reference, opset=opset, check=gate)
-        p = r.parity
-        return OutputReport(r.path, r.format, p.max_abs_err if p else None, p.max_rel_err if p else None)
     r = _emit.write_dir(ep, path, title=f"{report.model}, rewritten by normrewrite")
     return OutputReport(r.path, r.format)
 
 
 def _onnx_options(options: Any, opset: int | None) -> Any:
-    from normrewrite.onnx_io import OnnxOptions
+    from normrewrite.emit.onnx.options import OnnxOptions
 
     if options is None:
         return OnnxOptions(opset=opset)
@@ -399,16 +391,11 @@ def _write_onnx(
     options: Any,
     module: nn.Module,
 ) -> OutputReport:
-    from normrewrite.errors import EmitError
-    from normrewrite.onnx_io import DTYPE_RTOL, OnnxContext, emit
-    from normrewrite.passes import ONNX_REGISTRY
+    """An ONNX output of the in-memory path (:func:`normrewrite.emit.onnx.pipeline.emit_program`),
+    gated on onnxruntime parity when the passes are exact."""
+    from normrewrite.emit.onnx.options import DTYPE_RTOL
+    from normrewrite.emit.onnx.pipeline import emit_program
 
-    training = [n for n, m in module.named_modules() if m.training and isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if training:
-        raise EmitError(
-            f"BatchNorm {training[0] or '<root>'} is in training mode: torch.onnx.export would silently "
-            "write eval behaviour (running statistics); call model.eval() or drop --keep-training-mode"
-        )
     tol = max(rtol, 1e-4, DTYPE_RTOL[options.dtype])
 
     def gate(cmp: Any) -> None:
@@ -418,14 +405,7 @@ def _write_onnx(
                 f"{cmp.max_rel_err:.3g} > {tol:g}; nothing written"
             )
 
-    def postprocess(model: Any, ctx: OnnxContext) -> list[str]:
-        r = ONNX_REGISTRY.create("fuse-norm")(model, ctx)
-        notes = [f"fuse-norm (ONNX): {len(r.changes)} decomposed norms fused"] if r.modified else []
-        if r.skipped:
-            notes.append(f"{len(r.skipped)} norms stay decomposed: {r.skipped[0].reason}")
-        return notes
-
-    r = emit(ep, path, inputs, reference, options, postprocess=postprocess, module=module, check=gate)
+    r = emit_program(ep, path, inputs, reference, options, module=module, check=gate)
     out = OutputReport(r.path, "onnx", r.parity.max_abs_err if r.parity else None,
                        r.parity.max_rel_err if r.parity else None)
     out.notes.extend([f"opset {r.opset}, {r.nodes} nodes, target {options.target}, {options.dtype}", *r.notes])
@@ -434,7 +414,7 @@ def _write_onnx(
 
 def _convert_onnx(
     src: Path,
-    passes: Sequence[str | Pass],
+    passes: Sequence[Any],  # pass specs or OnnxPass instances
     outputs: Sequence[str | os.PathLike[str]],
     options: Any,
     *,
@@ -444,19 +424,21 @@ def _convert_onnx(
     force: bool,
     seed: int,
     stage: Callable[[str], None],
+    limits: OnnxLimits | None = None,
 ) -> ConvertResult:
-    """ONNX in → ONNX out: the ONNX forms of the passes (``passes.ONNX_REGISTRY``), no torch."""
+    """ONNX in → ONNX out: the ONNX forms of the passes (``passes.ONNX_REGISTRY``), no torch
+    (:func:`normrewrite.emit.onnx.pipeline.convert_onnx_file`)."""
     from normrewrite.emit.files import check_output
-    from normrewrite.onnx_io import convert_model
+    from normrewrite.emit.onnx.pipeline import convert_onnx_file
     from normrewrite.passes import ONNX_REGISTRY
 
-    pipeline = [p if isinstance(p, Pass) else ONNX_REGISTRY.create(p) for p in passes]
+    pipeline = [ONNX_REGISTRY.create(p) for p in passes]
     out_paths = [Path(o) for o in outputs]
     for p in out_paths:
         check_output(p, force=force, inputs=(src,))
     shapes = [s.shape for s in input_specs] if input_specs else None
-    model, report = convert_model(src, pipeline, out_paths, options, input_shapes=shapes, verify=verify,
-                                  rtol=1e-5 if rtol == 1e-4 else rtol, seed=seed, stage=stage)
+    model, report = convert_onnx_file(src, pipeline, out_paths, options, limits=limits, input_shapes=shapes,
+                                      verify=verify, rtol=1e-5 if rtol == 1e-4 else rtol, seed=seed, stage=stage)
     result = ConvertResult(None, report, None, ())  # type: ignore[arg-type]
     result.onnx_model = model
     return result
@@ -522,25 +504,18 @@ def inspect(
                          count_ops(gm), {"summary": si.summary(), **si.to_json()})
 
 
-def _inspect_onnx(path: Path) -> InspectResult:
+def _inspect_onnx(path: Path, limits: OnnxLimits | None = None) -> InspectResult:
     """``inspect`` of an ONNX model: its norm ops, their placement, and what the ONNX passes
     could do (BatchNorms to fold, decomposed norms to fuse)."""
-    from normrewrite.onnx_io import (
-        OnnxContext,
-        const_array,
-        count_nodes,
-        load_onnx,
-        model_opset,
-        norm_nodes,
-        placement,
-    )
+    from normrewrite.analysis.onnx_norms import norm_nodes, placement
+    from normrewrite.core.onnx_graph import const_array, count_nodes, model_opset
+    from normrewrite.load.onnx import load_onnx
     from normrewrite.passes import ONNX_REGISTRY
 
-    model = load_onnx(path)
-    ctx = OnnxContext(opset=model_opset(model))
+    model = load_onnx(path, limits)
     actions: dict[str, dict[str, str]] = {}
     for cls in ONNX_REGISTRY:
-        for node_name, text in cls().explain(model, ctx).items():
+        for node_name, text in cls().explain(model).items():
             actions.setdefault(node_name, {})[cls.name] = text
     entries = []
     for n in norm_nodes(model):

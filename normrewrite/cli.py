@@ -176,7 +176,7 @@ def convert(
             from normrewrite.passes import ONNX_REGISTRY, REGISTRY
 
             (ONNX_REGISTRY if model.endswith(".onnx") else REGISTRY).create(spec)
-        from normrewrite.onnx_io import OnnxOptions
+        from normrewrite.emit.onnx.options import OnnxOptions
 
         onnx_options = OnnxOptions(opset=opset, target=onnx_target, dynamic=dynamic,  # type: ignore[arg-type]
                                    dtype=onnx_dtype, keep_io_types=keep_io_types)

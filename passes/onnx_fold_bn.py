@@ -27,18 +27,18 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from normrewrite.core.pass_infra import Change, Skip
-from normrewrite.onnx_io import (
-    OnnxContext,
-    OnnxPass,
-    OnnxPassResult,
+from normrewrite.core.onnx_graph import (
     add_initializer,
     const_array,
+    count_nodes,
     infer_shapes,
     is_graph_output,
     private_initializer,
     set_initializer,
 )
+from normrewrite.core.onnx_pass import OnnxPass, OnnxPassResult
+from normrewrite.core.pass_infra import Change, Skip
+from normrewrite.errors import UsageError
 
 from .fold_bn import FoldBatchNormOptions, bn_affine, fold_input, fold_output
 
@@ -299,11 +299,11 @@ def _fold_constants(model: ir.Model) -> list[str]:
     constants (``Expand(Shape(W))`` zero biases of unoptimized exports) become initializers."""
     import onnxscript.optimizer
 
-    before = sum(1 for _ in model.graph)
+    before = count_nodes(model)
     onnxscript.optimizer.fold_constants(model)
     onnxscript.optimizer.remove_unused_nodes(model)
     infer_shapes(model)  # ranks decide which folds are exact
-    after = sum(1 for _ in model.graph)
+    after = count_nodes(model)
     return [f"constant folding removed {before - after} nodes"] if after < before else []
 
 
@@ -317,15 +317,14 @@ class OnnxFoldBatchNorm(OnnxPass):
 
     def validate_options(self) -> None:
         if self.options.shared != "skip":
-            from normrewrite.errors import UsageError
-
             raise UsageError(
                 "pass fold-bn on ONNX models: shared=clone is not supported (weights are never cloned)"
             )
 
-    def call(self, model: ir.Model, ctx: OnnxContext) -> OnnxPassResult:
+    def call(self, model: ir.Model) -> OnnxPassResult:
         graph = model.graph
-        changes, skipped = [], []
+        changes: list[Change] = []
+        skipped: list[Skip] = []
         notes = _fold_constants(model)
         for node in list(graph):
             if (
@@ -344,7 +343,7 @@ class OnnxFoldBatchNorm(OnnxPass):
             changes.append(Change(label, text))
         return OnnxPassResult(model, bool(changes), changes, skipped, notes if changes else [])
 
-    def explain(self, model: ir.Model, ctx: OnnxContext) -> dict[str, str]:  # type: ignore[override]
+    def explain(self, model: ir.Model) -> dict[str, str]:
         """What :meth:`call` would do, judged on a constant-folded copy (``model`` is untouched)."""
         model = ir.serde.deserialize_model(ir.serde.serialize_model(model))
         _fold_constants(model)

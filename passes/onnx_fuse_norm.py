@@ -24,6 +24,7 @@ Exact up to float rounding (the fused kernels use a different summation order).
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,17 +32,10 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchResult
 
+from normrewrite.analysis.onnx_norms import decomposed_norms
+from normrewrite.core.onnx_graph import const_array, default_opset, infer_shapes, model_opset
+from normrewrite.core.onnx_pass import OnnxPass, OnnxPassResult, Target
 from normrewrite.core.pass_infra import Change, Skip
-from normrewrite.onnx_io import (
-    OnnxContext,
-    OnnxPass,
-    OnnxPassResult,
-    Target,
-    const_array,
-    default_opset,
-    infer_shapes,
-    model_opset,
-)
 
 FLOATS = frozenset(
     {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
@@ -99,8 +93,78 @@ class Emit:
         )
 
 
+class Normalize(enum.Enum):
+    """How an exporter spelled the division of the centred (or raw) input ``d`` by the norm ``s``."""
+
+    DIV = "Div(d, s)"
+    RECIPROCAL = "Mul(d, Reciprocal(s))"
+    DIV_ONE = "Mul(d, Div(1, s))"
+
+    def pattern(self, op, d, s):
+        if self is Normalize.DIV:
+            return op.Div(d, s)
+        if self is Normalize.RECIPROCAL:
+            return op.Mul(d, op.Reciprocal(s))
+        return op.Mul(d, op.Div(1.0, s))
+
+
+def stash_type(x: ir.Value) -> ir.DataType:
+    """The precision the fused op computes in (its ``stash_type``): float for float/fp16/bf16
+    inputs (fp16 x² overflows at |x| > 256), double for double."""
+    low = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.FLOAT, None)
+    return ir.DataType.FLOAT if x.dtype in low else ir.DataType.DOUBLE
+
+
+@dataclass(frozen=True)
+class NormMatch:
+    """What a matched decomposed norm fuses into: the first normalized axis and ε."""
+
+    axis: int
+    eps: float
+
+
+def match_norm(
+    x: ir.Value,
+    eps: ir.Value,
+    reductions: list[ir.Value],
+    scale: ir.Value | None,
+    bias: ir.Value | None,
+) -> NormMatch | MatchResult:
+    """The fused form of a matched chain (bound values), or the failed match with its reason."""
+    result = MatchResult()
+    if x.dtype is not None and x.dtype not in FLOATS:
+        return result.fail("x is not a float tensor", x)
+    e = const_array(eps)
+    if e is None or e.size != 1:
+        return result.fail("epsilon is not a scalar constant", eps)
+    rank = None if x.shape is None else len(x.shape)
+    axes = []
+    for r in reductions:
+        producer = r.producer()
+        a = trailing_axis(producer, rank) if producer is not None else "no reduction node"
+        if isinstance(a, str):
+            return result.fail(a, r)
+        axes.append(a)
+    if not axes or any(a != axes[0] for a in axes):
+        return result.fail("the two reductions use different axes", reductions[-1])
+    axis = axes[0]
+    static = x.shape is not None and all(isinstance(d, int) for d in list(x.shape)[axis:])
+    if scale is None and not static:  # γ = 1 is materialized: the normalized dims must be static
+        why = _param_problem(eps, x, axis) if x.shape is None else None
+        return result.fail(why or "the normalized dims are not static", x)
+    for name, v in (("scale", scale), ("bias", bias)):
+        if v is None:
+            continue
+        why = _param_problem(v, x, axis)
+        if why:
+            return result.fail(f"{name}: {why}", v)
+    return NormMatch(axis, float(e.reshape(-1)[0]))
+
+
 class _NormRule(pattern.RewriteRuleClassBase):
-    """Shared checks of the LayerNorm and RMSNorm rules."""
+    """Shared parts of the LayerNorm and RMSNorm rules. A rule instance is one spelling of the
+    pattern (operand order, :class:`Normalize`, which of γ/β); everything about a match is
+    recomputed from the bindings (:func:`match_norm`), never kept on the rule."""
 
     def __init__(
         self,
@@ -110,70 +174,32 @@ class _NormRule(pattern.RewriteRuleClassBase):
         swap: bool = False,
         scale: bool = True,
         bias: bool = False,
-        recip: int = 0,
+        normalize: Normalize = Normalize.DIV,
         swap_add: bool = False,
     ) -> None:
         super().__init__(name, remove_nodes=False)
-        self.emit, self.swap, self.scale, self.bias, self.recip = emit, swap, scale, bias, recip
-        self.swap_add = swap_add
-
-    def _normalize(self, op, d, std):
-        if self.recip == 0:
-            return op.Div(d, std)
-        if self.recip == 1:
-            return op.Mul(d, op.Reciprocal(std))
-        return op.Mul(d, op.Div(1.0, std))
+        self.emit, self.swap, self.scale, self.bias = emit, swap, scale, bias
+        self.normalize, self.swap_add = normalize, swap_add
 
     def _scaled(self, op, normed, scale):
         return op.Mul(scale, normed) if self.swap else op.Mul(normed, scale)
 
-    def _check_common(
-        self, x: ir.Value, eps: ir.Value, reductions: list[ir.Value], scale, bias
-    ) -> MatchResult | int:
-        result = MatchResult()
-        if x.dtype is not None and x.dtype not in FLOATS:
-            return result.fail("x is not a float tensor", x)
-        e = const_array(eps)
-        if e is None or e.size != 1:
-            return result.fail("epsilon is not a scalar constant", eps)
-        rank = None if x.shape is None else len(x.shape)
-        axis = None
-        for r in reductions:
-            a = trailing_axis(r.producer(), rank)
-            if isinstance(a, str):
-                return result.fail(a, r)
-            if axis is not None and a != axis:
-                return result.fail("the two reductions use different axes", r)
-            axis = a
-        assert axis is not None
-        if scale is None:  # γ = 1 is materialized: the normalized dims must be static
-            why = _param_problem(eps, x, axis) if x.shape is None else None
-            if x.shape is None or not all(isinstance(d, int) for d in list(x.shape)[axis:]):
-                return result.fail(why or "the normalized dims are not static", x)
-        for name, v in (("scale", scale), ("bias", bias)):
-            if v is None:
-                continue
-            why = _param_problem(v, x, axis)
-            if why:
-                return result.fail(f"{name}: {why}", v)
-        self._eps = float(e.reshape(-1)[0])
-        self._axis = axis
-        return axis
-
-    def _param(self, op, v: ir.Value | None, x: ir.Value):
+    @staticmethod
+    def _param(op, v: ir.Value | None, x: ir.Value, axis: int):
         """γ/β squeezed to the normalized shape (a constant is re-stored; a tensor is reshaped)."""
         if v is None:
             return None
         arr = const_array(v)
-        want = [d for d in x.shape][self._axis :] if x.shape is not None else None
+        want = list(x.shape)[axis:] if x.shape is not None else None
         if arr is not None:
             if want is not None and all(isinstance(d, int) for d in want):
                 arr = np.broadcast_to(arr, want) if arr.size != np.prod(want) else arr.reshape(want)
             return op.initializer(ir.tensor(np.ascontiguousarray(arr)), name=f"{v.name}_norm")
         return v
 
-    def _ones(self, op, x: ir.Value):
-        want = list(x.shape)[self._axis :]
+    @staticmethod
+    def _ones(op, x: ir.Value, axis: int):
+        want = list(x.shape)[axis:]
         dt = x.dtype.numpy() if x.dtype is not None else np.float32
         return op.initializer(ir.tensor(np.ones(want, dtype=dt)), name="norm_ones")
 
@@ -206,7 +232,7 @@ class LayerNormRule(_NormRule):
             sq, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["var"]
         )
         std = op.Sqrt(op.Add(var, eps))
-        normed = self._normalize(op, d, std)
+        normed = self.normalize.pattern(op, d, std)
         if not self.scale and not self.bias:
             return normed  # (a returned value cannot be a choice)
         normed = pattern.OrValue([op.Cast(normed, to=out_dtype), normed])
@@ -219,18 +245,17 @@ class LayerNormRule(_NormRule):
         why = self.emit.layer_norm()
         if why:
             return MatchResult().fail(why)
-        got = self._check_common(x, eps, [mean, var], scale, bias)
-        return got if isinstance(got, MatchResult) else MatchResult()
+        m = match_norm(x, eps, [mean, var], scale, bias)
+        return m if isinstance(m, MatchResult) else MatchResult()
 
-    def rewrite(self, op, x, eps, compute=None, scale=None, bias=None, **_):
-        stash = (
-            1
-            if x.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.FLOAT, None)
-            else 11
+    def rewrite(self, op, x, eps, mean, var, compute=None, scale=None, bias=None, **_):
+        m = match_norm(x, eps, [mean, var], scale, bias)
+        assert isinstance(m, NormMatch)  # check() accepted these bindings
+        s = self._param(op, scale, x, m.axis) if scale is not None else self._ones(op, x, m.axis)
+        inputs = [x, s] + ([self._param(op, bias, x, m.axis)] if bias is not None else [])
+        return op.LayerNormalization(
+            *inputs, axis=m.axis, epsilon=m.eps, stash_type=stash_type(x).value
         )
-        s = self._param(op, scale, x) if scale is not None else self._ones(op, x)
-        inputs = [x, s] + ([self._param(op, bias, x)] if bias is not None else [])
-        return op.LayerNormalization(*inputs, axis=self._axis, epsilon=self._eps, stash_type=stash)
 
 
 class RmsNormRule(_NormRule):
@@ -241,7 +266,7 @@ class RmsNormRule(_NormRule):
             sq, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["ms"]
         )
         rms = op.Sqrt(op.Add(ms, eps))
-        normed = self._normalize(op, xc, rms)
+        normed = self.normalize.pattern(op, xc, rms)
         if not self.scale:
             return normed
         normed = pattern.OrValue([op.Cast(normed, to=out_dtype), normed])
@@ -249,31 +274,26 @@ class RmsNormRule(_NormRule):
 
     def check(self, context, x, eps, ms, scale=None, compute=None, **_) -> MatchResult:
         _, why = self.emit.rms_norm()
-        self._upcast = False
-        if why:
-            # no fused op: an fp16/bf16 chain is still rewritten to reduce in fp32 (x² overflows
-            # fp16 at |x| > 256; onnxruntime-CPU may hide that, a GPU does not)
-            if x.dtype not in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) or compute is not None:
-                return MatchResult().fail(why)
-            self._upcast = True
-        got = self._check_common(x, eps, [ms], scale, None)
-        return got if isinstance(got, MatchResult) else MatchResult()
+        # no fused op: an fp16/bf16 chain is still rewritten to reduce in fp32 (x² overflows
+        # fp16 at |x| > 256; onnxruntime-CPU may hide that, a GPU does not)
+        low = x.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) and compute is None
+        if why and not low:
+            return MatchResult().fail(why)
+        m = match_norm(x, eps, [ms], scale, None)
+        return m if isinstance(m, MatchResult) else MatchResult()
 
-    def rewrite(self, op, x, eps, scale=None, **_):
-        if self._upcast:
+    def rewrite(self, op, x, eps, ms, scale=None, **_):
+        m = match_norm(x, eps, [ms], scale, None)
+        assert isinstance(m, NormMatch)  # check() accepted these bindings
+        name, why = self.emit.rms_norm()
+        if why:  # no fused op (check() let only fp16/bf16 chains through): reduce in fp32
             f32 = op.Cast(x, to=ir.DataType.FLOAT)
-            ms = op.ReduceMean(op.Mul(f32, f32), op.Constant(value_ints=[self._axis]), keepdims=1)
-            eps32 = op.Constant(value=ir.tensor(np.array(self._eps, dtype=np.float32)))
-            normed = op.Cast(op.Mul(f32, op.Reciprocal(op.Sqrt(op.Add(ms, eps32)))), to=x.dtype)
+            mean = op.ReduceMean(op.Mul(f32, f32), op.Constant(value_ints=[m.axis]), keepdims=1)
+            eps32 = op.Constant(value=ir.tensor(np.array(m.eps, dtype=np.float32)))
+            normed = op.Cast(op.Mul(f32, op.Reciprocal(op.Sqrt(op.Add(mean, eps32)))), to=x.dtype)
             return normed if scale is None else op.Mul(normed, scale)
-        name, _ = self.emit.rms_norm()
-        stash = (
-            1
-            if x.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.FLOAT, None)
-            else 11
-        )
-        s = self._param(op, scale, x) if scale is not None else self._ones(op, x)
-        return getattr(op, name)(x, s, axis=self._axis, epsilon=self._eps, stash_type=stash)
+        s = self._param(op, scale, x, m.axis) if scale is not None else self._ones(op, x, m.axis)
+        return getattr(op, name)(x, s, axis=m.axis, epsilon=m.eps, stash_type=stash_type(x).value)
 
 
 def rules(emit: Emit) -> list[list[pattern.RewriteRule]]:
@@ -281,8 +301,8 @@ def rules(emit: Emit) -> list[list[pattern.RewriteRule]]:
 
     def variants(cls, **kw):
         return [
-            cls.rule(f"{cls.__name__}-{i}", emit, swap=s, recip=r, **kw)
-            for i, (s, r) in enumerate((s, r) for s in (False, True) for r in (0, 1, 2))
+            cls.rule(f"{cls.__name__}-{i}", emit, swap=s, normalize=n, **kw)
+            for i, (s, n) in enumerate((s, n) for s in (False, True) for n in Normalize)
         ]
 
     # LayerNorm first: x - E[x] normalized by RMS is also an RMSNorm of a centred input
@@ -298,21 +318,6 @@ def rules(emit: Emit) -> list[list[pattern.RewriteRule]]:
 FUSED = frozenset({"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"})
 
 
-def _leftovers(model: ir.Model) -> list[ir.Node]:
-    """ReduceMean nodes still feeding a Sqrt chain: decomposed norms that were not fused."""
-    out = []
-    for n in model.graph.all_nodes():
-        if n.op_type != "ReduceMean":
-            continue
-        users = [u.node for u in n.outputs[0].uses()]
-        if any(
-            u.op_type == "Add" and any(w.node.op_type == "Sqrt" for w in u.outputs[0].uses())
-            for u in users
-        ):
-            out.append(n)
-    return out
-
-
 @dataclass(frozen=True)
 class FuseNormOptions:
     pass
@@ -324,11 +329,11 @@ class OnnxFuseNorm(OnnxPass):
     exact = True
     Options = FuseNormOptions
 
-    def call(self, model: ir.Model, ctx: OnnxContext) -> OnnxPassResult:
+    def call(self, model: ir.Model) -> OnnxPassResult:
         import onnxscript.optimizer
         from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass
 
-        emit = Emit(ctx.target, model_opset(model) or default_opset())
+        emit = Emit(self.context.target, model_opset(model) or default_opset())
         onnxscript.optimizer.basic_constant_propagation(model.graph)
         infer_shapes(model)
         before = {id(n) for n in model.graph.all_nodes() if n.op_type in FUSED}
@@ -363,7 +368,7 @@ class OnnxFuseNorm(OnnxPass):
         done = {id(n) for n in upcast}
         skipped = [
             Skip(n.name or n.outputs[0].name, self._why(n, emit))
-            for n in _leftovers(model)
+            for n in decomposed_norms(model)
             if id(n) not in done
         ]
         return OnnxPassResult(model, fused > 0, changes, skipped)
@@ -382,10 +387,21 @@ class OnnxFuseNorm(OnnxPass):
         why = emit.layer_norm() if centred else emit.rms_norm()[1]
         return why or "a decomposed norm whose structure or shapes do not match LayerNorm/RMSNorm"
 
-    def explain(self, model: ir.Model, ctx: OnnxContext) -> dict[str, str]:  # type: ignore[override]
+    def explain(self, model: ir.Model) -> dict[str, str]:
         return {
-            n.name: "decomposed norm: fuse-norm would try to fuse it" for n in _leftovers(model)
+            n.name: "decomposed norm: fuse-norm would try to fuse it"
+            for n in decomposed_norms(model)
         }
 
 
-__all__ = ["Emit", "LayerNormRule", "OnnxFuseNorm", "RmsNormRule", "rules", "trailing_axis"]
+__all__ = [
+    "Emit",
+    "LayerNormRule",
+    "NormMatch",
+    "Normalize",
+    "OnnxFuseNorm",
+    "RmsNormRule",
+    "match_norm",
+    "rules",
+    "trailing_axis",
+]

@@ -403,7 +403,7 @@ def test_meta_onnx_equals_in_memory_onnx(tmp_path: Path, tie: bool) -> None:
 def test_meta_onnx_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure after the external data was written (here: validation) leaves no file behind;
     an existing output is not overwritten without force."""
-    from normrewrite import onnx_io
+    from normrewrite.emit.onnx import pipeline
     from normrewrite.errors import EmitError
 
     model = _llama(causal=False)
@@ -414,7 +414,7 @@ def test_meta_onnx_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mo
         assert (path.parent / "out.onnx.data").stat().st_size > 0  # it got that far
         raise EmitError("forced failure")
 
-    monkeypatch.setattr(onnx_io, "validate_file", boom)
+    monkeypatch.setattr(pipeline, "validate_file", boom)
     with pytest.raises(EmitError, match="forced"):
         stream.convert_checkpoint_onnx(src, ["fuse-norm"], tmp_path / "out.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

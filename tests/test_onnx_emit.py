@@ -1,4 +1,4 @@
-"""ONNX emission options (normrewrite.onnx_io.emit through normrewrite.convert): opset default and
+"""ONNX emission options (the ONNX pipeline, normrewrite.emit.onnx, through normrewrite.convert): opset default and
 the opset actually written, fused norm ops per target/opset (RMSNorm, Pre-Norm skip fusion,
 GroupNorm), --dynamic checked at another size, --dtype with fp32 norm compute, external data,
 and the BatchNorm-in-training-mode trap. One test per known trap of issue 5."""
@@ -20,10 +20,11 @@ from models import bert, llama, randomize_norms, token_ids
 from torch import nn
 
 import normrewrite
-from normrewrite import onnx_io
 from normrewrite.cli import main
+from normrewrite.core import onnx_graph
+from normrewrite.emit.onnx.options import OnnxOptions
 from normrewrite.errors import EmitError
-from normrewrite.onnx_io import OnnxOptions
+from normrewrite.verify.onnxruntime import relative_error, session
 
 
 def convert(module: nn.Module, inputs: tuple, path: Path, **options):
@@ -62,9 +63,9 @@ def norms_model() -> nn.Module:
 
 def test_default_opset_is_newest_supported_and_asserted(tmp_path: Path) -> None:
     expected = min(
-        onnx.defs.onnx_opset_version(), onnx_io.ort_max_opset(), onnx_io.exporter_max_opset()
+        onnx.defs.onnx_opset_version(), onnx_graph.ort_max_opset(), onnx_graph.exporter_max_opset()
     )
-    assert onnx_io.default_opset() == expected
+    assert onnx_graph.default_opset() == expected
     out, proto = convert(norms_model(), (torch.randn(2, 4, 16),), tmp_path / "m.onnx")
     assert {o.domain: o.version for o in proto.opset_import}[""] == expected
     counts = op_counts(proto)
@@ -107,11 +108,11 @@ def test_dynamic_axes_run_at_another_size(tmp_path: Path) -> None:
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     assert all(d.dim_param for d in dims)  # batch and sequence symbolic
     assert any(n.startswith("dynamic axes checked at 3x24") for n in out.notes)
-    sess = onnx_io.session(tmp_path / "d.onnx")
+    sess = session(tmp_path / "d.onnx")
     ids = token_ids(batch=3, seq=11, seed=3)
     got = sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0]
     ref = model(ids).last_hidden_state.detach().numpy()
-    assert onnx_io.relative_error([ref], [got])[1] <= 1e-5
+    assert relative_error([ref], [got])[1] <= 1e-5
 
 
 @pytest.mark.parametrize("keep_io", [False, True])
@@ -128,11 +129,11 @@ def test_fp16_norms_compute_in_fp32(tmp_path: Path, keep_io: bool) -> None:
             stash = {a.name: a.i for a in n.attribute}.get("stash_type", 1)
             assert stash == 1
     assert out.onnx_max_rel_err <= 2e-2
-    sess = onnx_io.session(tmp_path / "h.onnx")
+    sess = session(tmp_path / "h.onnx")
     feed = x.numpy() if keep_io else x.half().numpy()
     got = sess.run(None, {sess.get_inputs()[0].name: feed})[0].astype(np.float64)
     ref64 = module.double()(x.double()).detach().numpy()
-    assert np.isfinite(got).all() and onnx_io.relative_error([ref64], [got])[1] <= 2e-2
+    assert np.isfinite(got).all() and relative_error([ref64], [got])[1] <= 2e-2
 
 
 def test_external_data_written_atomically(tmp_path: Path) -> None:
@@ -264,14 +265,14 @@ def test_static_shape_chains_fold_and_dynamic_ones_stay(tmp_path: Path) -> None:
         )
         assert r.report.verify.passed and r.report.verify.max_rel_err <= 1e-5
         got[name] = op_counts(onnx.load(str(tmp_path / f"{name}_out.onnx")))
-        sess = onnx_io.session(tmp_path / f"{name}_out.onnx")
-        assert onnx_io.relative_error([ref], sess.run(None, {"x": x.numpy()}))[1] <= 1e-5
+        sess = session(tmp_path / f"{name}_out.onnx")
+        assert relative_error([ref], sess.run(None, {"x": x.numpy()}))[1] <= 1e-5
     assert got["static"] == collections.Counter(FOLDED)
     assert got["dyn"]["Shape"] >= 1 and got["dyn"]["Trilu"] == 1 and got["dyn"]["Add"] == 1
     other = torch.randn(3, 50, 16)
-    sess = onnx_io.session(tmp_path / "dyn_out.onnx")
+    sess = session(tmp_path / "dyn_out.onnx")
     assert (
-        onnx_io.relative_error(
+        relative_error(
             [module(other).detach().numpy()], sess.run(None, {"x": other.numpy()})
         )[1]
         <= 1e-5

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import normrewrite.passes as passes_pkg
 
-from normrewrite.core.pass_infra import Pass, PassRegistry
+from normrewrite.core.pass_infra import NamedPass, PassRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 README_ROW = re.compile(r"^\|\s*`([^`]+)`\s*\|", re.MULTILINE)
@@ -19,17 +19,17 @@ def registries() -> list[PassRegistry]:
     return [v for v in vars(passes_pkg).values() if isinstance(v, PassRegistry)]
 
 
-def registered() -> set[type[Pass]]:
+def registered() -> set[type[NamedPass]]:
     return {cls for reg in registries() for cls in reg}
 
 
-def defined_passes(module: object) -> set[type[Pass]]:
+def defined_passes(module: object) -> set[type[NamedPass]]:
     """Concrete pass classes a module defines (not ones it imports, not abstract bases)."""
     return {
         c
         for c in vars(module).values()
         if inspect.isclass(c)
-        and issubclass(c, Pass)
+        and issubclass(c, NamedPass)
         and c.__module__ == module.__name__
         and isinstance(vars(c).get("name"), str)
     }

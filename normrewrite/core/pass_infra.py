@@ -17,9 +17,9 @@ import enum
 import time
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import torch
 from torch.fx import GraphModule
@@ -166,12 +166,11 @@ def parse_pass_spec(spec: str) -> tuple[str, dict[str, str]]:
 # --------------------------------------------------------------------------- the pass
 
 
-class Pass:
-    """Base class of all passes.
-
-    Subclasses set ``name`` (the CLI name), ``summary`` (one line), ``exact`` (does the pass
-    preserve the model's function up to float rounding?) and ``Options`` (a frozen dataclass), and
-    implement :meth:`call`.
+class NamedPass:
+    """What every registered pass has, whatever graph form it rewrites (torch.fx: :class:`Pass`;
+    ONNX: :class:`normrewrite.core.onnx_pass.OnnxPass`). Subclasses set ``name`` (the CLI name),
+    ``summary`` (one line), ``exact`` (does the pass preserve the model's function up to float
+    rounding?) and ``Options`` (a frozen dataclass, parsed from ``-p name:key=value``).
     """
 
     name: ClassVar[str]
@@ -195,7 +194,7 @@ class Pass:
         self.validate_options()
 
     @classmethod
-    def from_strings(cls, opts: dict[str, str]) -> Pass:
+    def from_strings(cls, opts: dict[str, str]) -> Self:
         hints = typing.get_type_hints(cls.Options)
         fields = {f.name for f in dataclasses.fields(cls.Options)}
         values: dict[str, Any] = {}
@@ -208,6 +207,23 @@ class Pass:
 
     def validate_options(self) -> None:
         """Reject impossible option combinations with a :class:`UsageError`."""
+
+    def describe(self) -> str:
+        opts = {
+            f.name: getattr(self.options, f.name)
+            for f in dataclasses.fields(self.options)
+            if getattr(self.options, f.name) != f.default
+        }
+        if not opts:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in opts.items())
+
+    def __repr__(self) -> str:
+        return f"<Pass {self.describe()}>"
+
+
+class Pass(NamedPass):
+    """Base class of the torch.fx passes: implement :meth:`call`."""
 
     def requires(self, gm: GraphModule, ctx: PassContext) -> None:
         """Precondition on the input graph; raise :class:`PassError` when it does not hold."""
@@ -236,28 +252,18 @@ class Pass:
         self.ensures(result)
         return result
 
-    def describe(self) -> str:
-        opts = {
-            f.name: getattr(self.options, f.name)
-            for f in dataclasses.fields(self.options)
-            if getattr(self.options, f.name) != f.default
-        }
-        if not opts:
-            return self.name
-        return self.name + ":" + ",".join(f"{k}={v}" for k, v in opts.items())
-
-    def __repr__(self) -> str:
-        return f"<Pass {self.describe()}>"
-
-
 # --------------------------------------------------------------------------- registry
 
 
-class PassRegistry:
-    """Name → pass class, built from explicit imports (see ``normrewrite.passes``)."""
+P = TypeVar("P", bound=NamedPass)
 
-    def __init__(self, passes: Sequence[type[Pass]]) -> None:
-        self._by_name: dict[str, type[Pass]] = {}
+
+class PassRegistry(Generic[P]):
+    """Name → pass class, built from explicit imports (see ``normrewrite.passes``); one registry
+    per graph form (torch passes, ONNX passes)."""
+
+    def __init__(self, passes: Sequence[type[P]]) -> None:
+        self._by_name: dict[str, type[P]] = {}
         for p in passes:
             if p.name in self._by_name:
                 raise ValueError(f"two passes named {p.name}")
@@ -266,13 +272,13 @@ class PassRegistry:
     def __contains__(self, name: str) -> bool:
         return name in self._by_name
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[type[P]]:
         return iter(self._by_name.values())
 
     def names(self) -> list[str]:
         return list(self._by_name)
 
-    def get(self, name: str) -> type[Pass]:
+    def get(self, name: str) -> type[P]:
         try:
             return self._by_name[name]
         except KeyError:
@@ -280,8 +286,8 @@ class PassRegistry:
                 f"unknown pass {name!r} (available: {', '.join(self._by_name)})"
             ) from None
 
-    def create(self, spec: str | Pass) -> Pass:
-        if isinstance(spec, Pass):
+    def create(self, spec: str | P) -> P:
+        if not isinstance(spec, str):
             return spec
         name, opts = parse_pass_spec(spec)
         return self.get(name).from_strings(opts)

@@ -1,9 +1,9 @@
 """Writing the rewritten model.
 
 * ``.pt2`` — a ``torch.export`` program of the rewritten GraphModule (``torch.export.load``);
-* ``.onnx`` — ``torch.onnx.export(..., dynamo=True)`` of that program, checked with
-  ``onnx.checker`` (``full_check=True``) and compared in onnxruntime, graph optimizations off,
-  against the original model's outputs;
+* ``.onnx`` — the ONNX pipeline (:mod:`normrewrite.emit.onnx.pipeline`): export of that
+  program, cleanup and norm fusions, validation, and parity in onnxruntime against the original
+  model's outputs;
 * a directory — ``model.py`` (the graph as readable Python over ATen ops) + ``weights.safetensors``
   + ``README.txt``; ``model.load()`` rebuilds an ``nn.Module`` without normrewrite.
 
@@ -12,13 +12,10 @@ Every output is written to a temporary name beside the destination and renamed o
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 import textwrap
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +27,7 @@ from torch.fx import GraphModule
 from normrewrite.emit.files import atomic_dir, atomic_file
 from normrewrite.errors import EmitError, first_line
 from normrewrite.trace import silenced
-from normrewrite.verify import Comparison, compare, tensor_leaves
+from normrewrite.verify import Comparison
 
 
 @dataclass(frozen=True)
@@ -79,80 +76,6 @@ def write_pt2(ep: ExportedProgram, dest: Path) -> EmitResult:
         except Exception as e:
             raise EmitError(f"writing {dest} failed: {type(e).__name__}: {first_line(e)}") from e
     return EmitResult(str(dest), "pt2")
-
-
-# --------------------------------------------------------------------------- .onnx
-
-
-def to_onnx(ep: ExportedProgram, *, opset: int | None = None) -> Any:
-    """``torch.onnx.export`` of a program, quietly; returns the ``ONNXProgram``."""
-    sink = io.StringIO()
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
-            warnings.simplefilter("ignore")
-            return torch.onnx.export(ep, (), dynamo=True, opset_version=opset, verbose=False,
-                                     optimize=True)
-    except Exception as e:
-        raise EmitError(f"ONNX export failed: {type(e).__name__}: {first_line(e)}") from e
-
-
-def check_onnx(path: Path) -> None:
-    import onnx
-
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except Exception as e:
-        raise EmitError(f"the ONNX model fails onnx.checker: {first_line(e)}") from e
-
-
-def onnx_outputs(path: Path, inputs: tuple[Any, ...], *, optimize: bool = False) -> list[Any]:
-    import numpy as np
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    leaves = tensor_leaves(inputs)
-    names = [i.name for i in sess.get_inputs()]
-    if len(names) != len(leaves):
-        raise EmitError(f"the ONNX model takes {len(names)} inputs, the torch model {len(leaves)}")
-    feed = {n: np.ascontiguousarray(t.detach().cpu().numpy()) for n, t in zip(names, leaves, strict=True)}
-    return sess.run(None, feed)
-
-
-def onnx_parity(path: Path, inputs: tuple[Any, ...], reference: list[torch.Tensor]) -> Comparison:
-    outs = [torch.from_numpy(o) for o in onnx_outputs(path, inputs)]
-    try:
-        return compare(reference, outs)
-    except ValueError as e:
-        raise EmitError(f"the ONNX model's outputs do not line up with the torch model's: {e}") from e
-
-
-def write_onnx(
-    ep: ExportedProgram,
-    dest: Path,
-    example_inputs: tuple[Any, ...],
-    reference: list[torch.Tensor] | None,
-    *,
-    opset: int | None = None,
-    check: Callable[[Comparison], None] | None = None,
-) -> EmitResult:
-    """Export, save, check and compare; ``check`` may reject the parity (raise) before the
-    file is renamed into place."""
-    program = to_onnx(ep, opset=opset)
-    with atomic_file(dest) as tmp:
-        try:
-            program.save(str(tmp), external_data=False)
-        except Exception as e:
-            raise EmitError(f"writing {dest} failed: {type(e).__name__}: {first_line(e)}") from e
-        check_onnx(tmp)
-        parity = onnx_parity(tmp, example_inputs, reference) if reference is not None else None
-        if parity is not None and check is not None:
-            check(parity)
-    return EmitResult(str(dest), "onnx", parity)
 
 
 # --------------------------------------------------------------------------- code + weights

@@ -61,7 +61,7 @@ def load(
     elif path.suffix == ".pt2":
         loaded = _load_pt2(path, inputs, seed=seed, trust_pickle=trust_pickle)
     elif path.suffix == ".onnx":
-        from normrewrite.onnx_io import load_onnx
+        from normrewrite.load.onnx import load_onnx
 
         load_onnx(path)  # one-line errors for missing, truncated or non-ONNX files
         raise LoadError(

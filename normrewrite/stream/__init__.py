@@ -1132,28 +1132,19 @@ def convert_checkpoint_onnx(
     persistent buffers (rotary ``inv_freq``) are recomputed (:func:`_hf_buffer_values`). The
     pair is validated (external-data locations, ``onnx.checker`` full check on the path) and
     renamed into place at the end: a failure leaves nothing behind. ``options`` is an
-    :class:`~normrewrite.onnx_io.OnnxOptions`; ``dtype`` and ``dynamic`` are not supported here
+    :class:`~normrewrite.emit.onnx.options.OnnxOptions`; ``dtype`` and ``dynamic`` are not supported here
     (the ONNX keeps the checkpoint's dtypes)."""
     import time
 
-    import onnx_ir as ir
-    import onnxscript.optimizer
-
+    from normrewrite.core.onnx_graph import count_nodes
     from normrewrite.emit import export_program
     from normrewrite.emit.files import check_output
-    from normrewrite.load.safety import check_external_data
-    from normrewrite.onnx_io import (
-        OnnxContext,
-        OnnxOptions,
-        _atomic_pair,
-        count_nodes,
-        export_error,
-        groupnorm_as_instancenorm,
-        model_opset,
-        ort_skip_fusions,
-        validate_file,
-    )
-    from normrewrite.passes import ONNX_REGISTRY, REGISTRY
+    from normrewrite.emit.onnx import pipeline as onnx_pipeline
+    from normrewrite.emit.onnx.cleanup import optimize_keeping
+    from normrewrite.emit.onnx.export import export_onnx
+    from normrewrite.emit.onnx.options import OnnxOptions
+    from normrewrite.emit.onnx.write import atomic_pair, write_model
+    from normrewrite.passes import REGISTRY
 
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -1195,25 +1186,11 @@ def convert_checkpoint_onnx(
         t2 = time.perf_counter()
         bar.stage("exporting the meta program to ONNX")
         ep = export_program(rewritten, inputs)  # type: ignore[arg-type]
-        try:
-            import contextlib as _cl
-            import io as _io
-            import warnings
-
-            sink = _io.StringIO()
-            with warnings.catch_warnings(), _cl.redirect_stdout(sink), _cl.redirect_stderr(sink):
-                warnings.simplefilter("ignore")
-                onnx_model = torch.onnx.export(
-                    ep, (), dynamo=True, opset_version=opset, verbose=False, optimize=False
-                ).model
-        except Exception as e:
-            raise EmitError(export_error(e)) from e
-        if model_opset(onnx_model) != opset:
-            raise EmitError(f"asked the exporter for opset {opset}, it wrote {model_opset(onnx_model)}")
+        onnx_model = export_onnx(ep, opset, optimize=False)  # optimized below, weights kept on disk
         seconds["export"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
-        with _atomic_pair(out) as tmp:
+        with atomic_pair(out) as tmp:
             scratch_dir = tmp.parent / "scratch-safetensors"
             scratch_dir.mkdir()
             writer = ShardWriter(
@@ -1232,32 +1209,13 @@ def convert_checkpoint_onnx(
             scratch = Checkpoint(scratch_dir)
             lazy, wrap = _bind_initializers(onnx_model, plan, keymap, scratch, buffers)
 
-            def guard(node: Any) -> bool | None:  # never fold a weight into an in-memory constant
-                for v in node.inputs:
-                    if v is not None and v.name in lazy and v.is_initializer():
-                        return False
-                return None
-
             bar.stage("optimizing the ONNX graph (weights stay on disk)")
             _fold_weight_transposes(onnx_model, lazy, scratch, wrap)
-            try:
-                onnxscript.optimizer.optimize_ir(onnx_model, should_fold=guard)
-            except Exception as e:
-                raise EmitError(f"optimizing the ONNX graph failed: {export_error(e)}") from e
-            octx = OnnxContext(target=options.target, opset=opset)
-            if "fuse-norm" in ONNX_REGISTRY:
-                r = ONNX_REGISTRY.create("fuse-norm")(onnx_model, octx)
-                if r.modified:
-                    notes.append(f"fuse-norm (ONNX): {len(r.changes)} decomposed norms fused")
-            gn = groupnorm_as_instancenorm(onnx_model)
-            if gn:
-                notes.append(f"{gn} GroupNormalization → InstanceNormalization form")
-            if options.target == "ort":
-                fused = {k: v for k, v in ort_skip_fusions(onnx_model).items() if v}
-                if fused:
-                    notes.append("onnxruntime fusions: " + ", ".join(f"{v} {k}" for k, v in fused.items()))
-            if model_opset(onnx_model) != opset:
-                raise EmitError(f"asked for opset {opset}, the model has opset {model_opset(onnx_model)}")
+            optimize_keeping(onnx_model, lazy)  # the export stage's optimizer, around the weights
+            done = onnx_pipeline.transform(
+                onnx_model, onnx_pipeline.norm_fusions(), options, cleanup=onnx_pipeline.Cleanup.NONE
+            )
+            notes += done.fusion_notes() + done.notes
             t4 = time.perf_counter()
             seconds["optimize"] = t4 - t3 - seconds["replay"]
             inits = onnx_model.graph.initializers
@@ -1268,22 +1226,11 @@ def convert_checkpoint_onnx(
                 if tensor.name in lazy:
                     bar.advance(tensor.nbytes)
 
-            try:
-                ir.save(
-                    onnx_model,
-                    str(tmp),
-                    external_data=data.name,
-                    size_threshold_bytes=1024,
-                    callback=on_tensor,
-                    max_in_flight_bytes=1 << 27,
-                )
-            except Exception as e:
-                raise EmitError(f"writing {out.name} failed: {type(e).__name__}: {export_error(e)}") from e
+            write_model(onnx_model, tmp, threshold=0, on_tensor=on_tensor, max_in_flight_bytes=1 << 27)
             seconds["save"] = time.perf_counter() - t4
             shutil.rmtree(scratch_dir)
             bar.stage("validating")
-            check_external_data(tmp)
-            notes += validate_file(tmp)
+            notes += onnx_pipeline.validate_file(tmp)  # external-data locations, checker / session
             written = (tmp.parent / data.name).stat().st_size if (tmp.parent / data.name).exists() else 0
             nodes = count_nodes(onnx_model)
     seconds["total"] = time.perf_counter() - t0

@@ -17,9 +17,9 @@ from normrewrite.passes.fix_export import FixExport, grouped_mm
 from torch import nn
 
 import normrewrite
-from normrewrite import onnx_io
 from normrewrite.errors import EmitError
 from normrewrite.trace import trace
+from normrewrite.verify.onnxruntime import relative_error, session
 
 
 def _transformers():
@@ -94,10 +94,10 @@ def test_exporter_failures_come_out_as_valid_onnx(tmp_path: Path, build, fixes: 
         build is mixtral
     ):  # different tokens route to different experts: the decomposition is general
         other = (token_ids(seq=8, seed=7),)
-        sess = onnx_io.session(out)
+        sess = session(out)
         got = sess.run(None, {sess.get_inputs()[0].name: other[0].numpy()})[0]
         ref = module(*other).last_hidden_state.detach().numpy()
-        assert onnx_io.relative_error([ref], [got])[1] <= 1e-5
+        assert relative_error([ref], [got])[1] <= 1e-5
 
 
 def test_runs_automatically_before_onnx_emission(tmp_path: Path) -> None:

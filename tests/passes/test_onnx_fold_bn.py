@@ -19,8 +19,10 @@ from normrewrite.passes import ONNX_REGISTRY
 from normrewrite.passes.onnx_fold_bn import OnnxFoldBatchNorm
 from torch import nn
 
-from normrewrite import onnx_io
 from normrewrite.cli import main
+from normrewrite.core.onnx_graph import add_initializer, model_bytes
+from normrewrite.load.onnx import load_onnx
+from normrewrite.verify.onnxruntime import relative_error, session
 
 RTOL = 1e-5
 
@@ -37,12 +39,12 @@ def ops(model: ir.Model) -> list[str]:
 
 
 def run(model: ir.Model, x: np.ndarray) -> list[np.ndarray]:
-    sess = onnx_io.session(onnx_io.model_bytes(model))
+    sess = session(model_bytes(model))
     return sess.run(None, {sess.get_inputs()[0].name: x})
 
 
 def fold(model: ir.Model):
-    return OnnxFoldBatchNorm()(model, onnx_io.OnnxContext())
+    return OnnxFoldBatchNorm()(model)
 
 
 CASES = {
@@ -93,10 +95,10 @@ def test_folds_and_matches(case: str) -> None:
     assert "BatchNormalization" not in ops(model)
     assert ops(model).count(layer_op) == 1
     after = run(model, x.numpy())
-    _, rel = onnx_io.relative_error(before, after)
+    _, rel = relative_error(before, after)
     assert rel <= RTOL
     ref64 = module.double()(x.double()).detach().numpy()
-    _, rel64 = onnx_io.relative_error([ref64], after)
+    _, rel64 = relative_error([ref64], after)
     assert rel64 <= 1e-5
     assert not fold(model).modified  # idempotent
 
@@ -112,7 +114,7 @@ def _matmul_bn(
     graph = ir.Graph([x], [], nodes=[], opset_imports={"": 18}, name="g")
 
     def init(name: str, arr: np.ndarray) -> ir.Value:
-        return onnx_io.add_initializer(graph, name, arr.astype(np.float32))
+        return add_initializer(graph, name, arr.astype(np.float32))
 
     w = init("w", rng.standard_normal((k, n)))
     b = init("b", rng.standard_normal(n))
@@ -149,7 +151,7 @@ def test_matmul_add_folds() -> None:
     result = fold(model)
     assert result.modified, result.skipped
     assert ops(model) == ["MatMul", "Add"]
-    _, rel = onnx_io.relative_error(before, run(model, x))
+    _, rel = relative_error(before, run(model, x))
     assert rel <= RTOL
 
 
@@ -214,7 +216,7 @@ def test_must_not_fold(build, reason: str) -> None:
     assert not result.modified
     assert any(reason in s.reason for s in result.skipped), result.skipped
     assert "BatchNormalization" in ops(model)
-    _, rel = onnx_io.relative_error(before, run(model, x.numpy()))
+    _, rel = relative_error(before, run(model, x.numpy()))
     assert rel <= RTOL
 
 
@@ -247,9 +249,9 @@ def test_cli_onnx_in_onnx_out(tmp_path: Path) -> None:
     out = tmp_path / "out.onnx"
     res = cli("convert", src, "-p", "fold-bn", "-o", out)
     assert res.exit_code == 0, res.output
-    folded = onnx_io.load_onnx(out)
+    folded = load_onnx(out)
     assert "BatchNormalization" not in ops(folded)
-    _, rel = onnx_io.relative_error(
+    _, rel = relative_error(
         [module(x).last_hidden_state.detach().numpy()], run(folded, x.numpy())[:1]
     )
     assert rel <= 1e-5

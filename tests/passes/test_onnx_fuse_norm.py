@@ -18,7 +18,10 @@ from models import randomize_norms
 from normrewrite.passes.onnx_fuse_norm import OnnxFuseNorm
 from torch import nn
 
-from normrewrite import onnx_io
+from normrewrite.analysis.onnx_norms import decomposed_norm_dtypes
+from normrewrite.core.onnx_graph import model_bytes
+from normrewrite.core.onnx_pass import OnnxContext
+from normrewrite.verify.onnxruntime import relative_error, session
 
 RTOL = 1e-5
 
@@ -77,7 +80,7 @@ def legacy_onnx(module: nn.Module, x: torch.Tensor, opset: int) -> ir.Model:
 
 
 def run(model: ir.Model, x: np.ndarray) -> list[np.ndarray]:
-    sess = onnx_io.session(onnx_io.model_bytes(model))
+    sess = session(model_bytes(model))
     return sess.run(None, {sess.get_inputs()[0].name: x})
 
 
@@ -98,21 +101,21 @@ def test_every_norm_becomes_one_node(opset: int, target: str, expected: list[str
     x = torch.randn(2, 4, 16) * 3
     model = legacy_onnx(module, x, opset)
     before = run(model, x.numpy())
-    result = OnnxFuseNorm()(model, onnx_io.OnnxContext(target=target))
+    result = OnnxFuseNorm(context=OnnxContext(target=target))(model)
     norms = [o for o in ops(model) if "Normalization" in o]
     assert norms == expected
     assert not {"ReduceMean", "Sqrt", "Pow"} & set(ops(model))
     assert result.modified and not result.skipped
     after = run(model, x.numpy())
-    assert onnx_io.relative_error(before, after)[1] <= RTOL
+    assert relative_error(before, after)[1] <= RTOL
     ref64 = module.double()(x.double()).detach().numpy()
-    assert onnx_io.relative_error([ref64], after)[1] <= 1e-5
+    assert relative_error([ref64], after)[1] <= 1e-5
     for n in model.graph:
         if "Normalization" in n.op_type:
             assert n.attributes["axis"].value == -1
             stash = n.attributes.get("stash_type")
             assert stash is None or stash.value == 1  # fp32 compute (1 is the default)
-    again = OnnxFuseNorm()(model, onnx_io.OnnxContext(target=target))
+    again = OnnxFuseNorm(context=OnnxContext(target=target))(model)
     assert not again.modified
 
 
@@ -120,7 +123,7 @@ def test_standard_below_17_and_23_is_left_with_reasons() -> None:
     module = randomize_norms(Block()).eval()
     x = torch.randn(2, 4, 16)
     model = legacy_onnx(module, x, 14)
-    result = OnnxFuseNorm()(model, onnx_io.OnnxContext(target="standard"))
+    result = OnnxFuseNorm(context=OnnxContext(target="standard"))(model)
     assert not result.modified
     reasons = {s.reason.split(" (")[0] for s in result.skipped}
     assert reasons == {"LayerNormalization needs opset 17", "no standard RMSNorm op below opset 23"}
@@ -130,7 +133,7 @@ def test_non_trailing_reduction_is_not_fused() -> None:
     x = torch.randn(2, 4, 16)
     model = legacy_onnx(NotANorm(), x, 23)
     before = ops(model)
-    result = OnnxFuseNorm()(model, onnx_io.OnnxContext())
+    result = OnnxFuseNorm(context=OnnxContext())(model)
     assert not result.modified and ops(model) == before
     assert len(result.skipped) == 1
 
@@ -143,12 +146,12 @@ def test_fp16_chain_without_fused_op_reduces_in_fp32() -> None:
         module.weight.copy_(torch.randn(16))
     x = torch.randn(2, 4, 16) * 1000
     model = legacy_onnx(module.half(), x.half(), 18)
-    assert onnx_io.decomposed_norm_dtypes(model) != []
-    result = OnnxFuseNorm()(model, onnx_io.OnnxContext(target="standard"))
+    assert decomposed_norm_dtypes(model) != []
+    result = OnnxFuseNorm(context=OnnxContext(target="standard"))(model)
     assert result.modified
-    assert onnx_io.decomposed_norm_dtypes(model) == ["FLOAT"]
+    assert decomposed_norm_dtypes(model) == ["FLOAT"]
     out = run(model, x.half().numpy())[0]
     ref64 = module.double()(x.double()).detach().numpy()
     assert np.isfinite(out).all()
-    assert onnx_io.relative_error([ref64], [out])[1] <= 2e-3
-    assert not OnnxFuseNorm()(model, onnx_io.OnnxContext(target="standard")).modified
+    assert relative_error([ref64], [out])[1] <= 2e-3
+    assert not OnnxFuseNorm(context=OnnxContext(target="standard"))(model).modified

@@ -1,0 +1,327 @@
+"""The one ONNX pipeline: every ONNX file normrewrite writes comes out of these stages.
+
+==========  ==============================================  ==========================================
+stage       torch program in (in memory, ``--meta``)        ONNX in
+==========  ==============================================  ==========================================
+source      :func:`~.export.export_onnx`                    :func:`~normrewrite.load.onnx.load_onnx`
+                                                            (+ :func:`~.export.convert_opset`)
+passes      the norm fusions (:data:`NORM_FUSIONS`)         the passes asked for (``-p``)
+cleanup     :func:`~.cleanup.optimize` (static shapes       the same
+            folded unless ``--dynamic``; none with
+            ``--meta``, whose export stage optimized
+            around the weights on disk)
+runtime     GroupNorm as InstanceNorm; onnxruntime skip     — (an input keeps its ops)
+            fusions (``--onnx-target ort``)
+check       the opset is the one asked for; fp16            the same
+            reductions flagged
+write       atomic write + validation (:mod:`.write`)       the same
+parity      onnxruntime vs the torch outputs (and at        onnxruntime vs the input model
+            another size with ``--dynamic``)                (before any write)
+==========  ==============================================  ==========================================
+
+:func:`transform` runs passes → cleanup → runtime → check. :func:`emit_program` is the in-memory
+path (``normrewrite.convert(..., outputs=["m.onnx"])``), :func:`convert_onnx_file` the ONNX-in
+path, and ``normrewrite.stream.convert_checkpoint_onnx`` (``--meta``) calls the same stages with
+its weights streamed from disk.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from normrewrite.analysis.onnx_norms import decomposed_norm_dtypes
+from normrewrite.core.onnx_graph import count_nodes, model_bytes, model_opset, symbolic_dims
+from normrewrite.core.onnx_pass import OnnxContext, OnnxPass, OnnxPassRun, run_onnx_passes
+from normrewrite.emit.onnx.cleanup import groupnorm_as_instancenorm, optimize, ort_skip_fusions
+from normrewrite.emit.onnx.export import convert_opset, export_onnx
+from normrewrite.emit.onnx.options import OnnxOptions
+from normrewrite.emit.onnx.write import atomic_pair, save_validated, validate_file, write_model
+from normrewrite.errors import EmitError, UsageError, VerifyError, first_line
+from normrewrite.load.onnx import OnnxLimits, load_onnx
+from normrewrite.verify import Comparison, run
+from normrewrite.verify.onnxruntime import (
+    make_feeds,
+    ort_outputs,
+    other_size_inputs,
+    parity,
+    relative_error,
+    session,
+)
+
+# the ONNX passes every torch-program export runs: decomposed norms the exporter wrote as
+# ReduceMean chains become one fused node
+NORM_FUSIONS = ("fuse-norm",)
+
+
+class Cleanup(enum.Enum):
+    STATIC = "static"  # fold shape chains when every input shape is static
+    SYMBOLIC = "symbolic"  # keep shape computations (--dynamic)
+    NONE = "none"  # --meta: the export stage already optimized around the weights on disk
+
+
+def norm_fusions() -> list[OnnxPass]:
+    from normrewrite.passes import ONNX_REGISTRY
+
+    return [ONNX_REGISTRY.create(name) for name in NORM_FUSIONS if name in ONNX_REGISTRY]
+
+
+@dataclass
+class Transformed:
+    runs: list[OnnxPassRun]
+    notes: list[str] = field(default_factory=list)
+
+    def fusion_notes(self) -> list[str]:
+        """The passes' outcome as report notes (for passes the user did not ask for)."""
+        notes = []
+        for r in self.runs:
+            res = r.result
+            if res.modified:
+                notes.append(f"{r.pass_.name} (ONNX): {len(res.changes)} decomposed norms fused")
+            if res.skipped:
+                notes.append(f"{len(res.skipped)} norms stay decomposed: {res.skipped[0].reason}")
+        return notes
+
+
+def transform(
+    model: ir.Model,
+    passes: Sequence[OnnxPass],
+    options: OnnxOptions,
+    *,
+    cleanup: Cleanup,
+    runtime_forms: bool = True,
+    before_pass: Callable[[OnnxPass], None] | None = None,
+) -> Transformed:
+    """The stages between source and write, in place: passes → cleanup → runtime forms → check."""
+    opset = model_opset(model)
+    done = Transformed(
+        run_onnx_passes(model, passes, OnnxContext(options.target), before_pass=before_pass)
+    )
+    if cleanup is not Cleanup.NONE:
+        before = count_nodes(model)
+        mode = optimize(model, allow_static=cleanup is Cleanup.STATIC)
+        if count_nodes(model) < before:
+            done.notes.append(
+                f"onnxscript optimizer cleanup ({mode}): {before} → {count_nodes(model)} nodes"
+            )
+    if runtime_forms:
+        gn = groupnorm_as_instancenorm(model)
+        if gn:
+            done.notes.append(
+                f"{gn} GroupNormalization → InstanceNormalization form (runs fused in "
+                "onnxruntime; the opset-21 op is expanded into ~30 nodes)"
+            )
+        if options.target == "ort":
+            fused = {k: v for k, v in ort_skip_fusions(model).items() if v}
+            if fused:
+                done.notes.append(
+                    "onnxruntime fusions: " + ", ".join(f"{v} {k}" for k, v in fused.items())
+                )
+    if model_opset(model) != opset:
+        raise EmitError(
+            f"asked for opset {opset}, the written model has opset {model_opset(model)}"
+        )
+    if options.dtype == "float16":
+        bad = [d for d in decomposed_norm_dtypes(model) if d not in ("FLOAT", "DOUBLE")]
+        if bad:
+            done.notes.append(
+                f"{len(bad)} decomposed norm reductions run in {bad[0]} (may overflow on GPU)"
+            )
+    return done
+
+
+# --------------------------------------------------------------------------- torch program in
+
+
+@dataclass
+class OnnxEmitted:
+    path: str
+    parity: Comparison | None  # at the example shape
+    other_size: Comparison | None = None  # at another shape (--dynamic)
+    notes: list[str] = field(default_factory=list)
+    nodes: int = 0
+    opset: int = 0
+
+
+def check_exportable(module: Any) -> None:
+    """Refuse what torch.onnx.export would silently get wrong: BatchNorm in training mode (it
+    writes eval behaviour, the running statistics)."""
+    from torch import nn
+
+    training = [
+        n
+        for n, m in module.named_modules()
+        if m.training and isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    if training:
+        raise EmitError(
+            f"BatchNorm {training[0] or '<root>'} is in training mode: torch.onnx.export would silently "
+            "write eval behaviour (running statistics); call model.eval() or drop --keep-training-mode"
+        )
+
+
+def emit_program(
+    ep: Any,
+    dest: Path,
+    inputs: Sequence[Any],
+    reference: Sequence[Any] | None,
+    options: OnnxOptions,
+    *,
+    module: Any = None,
+    check: Callable[[Comparison], None] | None = None,
+) -> OnnxEmitted:
+    """The in-memory path: export ``ep``, transform, write ``dest`` atomically, validate, and
+    compare in onnxruntime with ``reference`` (the original's outputs); with ``--dynamic`` also
+    run ``module`` and the ONNX model at a shape other than the example's. ``check(comparison)``
+    may reject before the rename."""
+    if module is not None:
+        check_exportable(module)
+    model = export_onnx(ep, options.resolved_opset)
+    cleanup = Cleanup.SYMBOLIC if options.dynamic else Cleanup.STATIC
+    done = transform(model, norm_fusions(), options, cleanup=cleanup)
+    notes = done.fusion_notes() + done.notes
+    same = other = None
+    with atomic_pair(dest) as tmp:
+        notes += write_model(model, tmp, threshold=options.external_data_threshold)
+        notes += validate_file(tmp)
+        measurable = True
+        if options.dtype == "bfloat16":
+            try:
+                session(tmp)
+            except Exception as e:  # onnxruntime CPU lacks many bfloat16 kernels
+                if "NOT_IMPLEMENTED" not in str(e):
+                    raise EmitError(f"onnxruntime refuses the model: {first_line(e)}") from e
+                measurable = False
+                notes.append(
+                    f"onnxruntime CPU cannot run it ({first_line(e)[:120]}): parity not measured"
+                )
+        if reference is not None and measurable:
+            same = parity(reference, ort_outputs(tmp, inputs))
+            if check is not None:
+                check(same)
+        if options.dynamic and module is not None and reference is not None and measurable:
+            other, shapes = _other_size(model, tmp, inputs, module)
+            notes.append(f"dynamic axes checked at {shapes}: max rel err {other.max_rel_err:.3g}")
+            if check is not None:
+                check(other)
+    return OnnxEmitted(str(dest), same, other, notes, count_nodes(model), model_opset(model))
+
+
+def _other_size(
+    model: ir.Model, path: Path, inputs: Sequence[Any], module: Any
+) -> tuple[Comparison, str]:
+    dims = symbolic_dims(model)
+    if not any(dims):
+        raise EmitError("--dynamic: the exported model has no symbolic dimension")
+    bigger = other_size_inputs(inputs, dims)
+    try:
+        got = ort_outputs(path, bigger)
+    except EmitError:
+        raise
+    except Exception as e:
+        raise EmitError(
+            f"--dynamic: the ONNX model does not run at other input sizes: {first_line(e)}"
+        ) from e
+    shapes = ", ".join("x".join(map(str, t.shape)) for t in bigger if hasattr(t, "shape"))
+    return parity(run(module, bigger), got), shapes
+
+
+# --------------------------------------------------------------------------- ONNX in
+
+
+def convert_onnx_file(
+    src: Path,
+    passes: Sequence[OnnxPass],
+    outputs: Sequence[Path],
+    options: OnnxOptions,
+    *,
+    limits: OnnxLimits | None = None,
+    input_shapes: Sequence[Sequence[int]] | None = None,
+    verify: bool = True,
+    rtol: float = 1e-5,
+    seed: int = 0,
+    stage: Callable[[str], None] = lambda s: None,
+) -> tuple[ir.Model, Any]:
+    """The ONNX-in path: load ``src``, transform with ``passes``, compare the result with the
+    input model in onnxruntime (graph optimizations off, so its own fusions cannot hide a bug)
+    and write each output. Returns (model, :class:`~normrewrite.report.Report`)."""
+    from normrewrite.report import OutputReport, PassReport, Report, VerifyReport
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    stage("loading the ONNX model")
+    model = load_onnx(src, limits)  # first: a file that is no ONNX model says so
+    for out in outputs:
+        if not str(out).endswith(".onnx"):
+            raise UsageError(f"{src} is an ONNX model: it can only be written as .onnx, not {out}")
+    notes: list[str] = []
+    if options.opset is not None and options.opset != model_opset(model):
+        notes.append(f"converted from opset {model_opset(model)} to {options.opset}")
+        model = convert_opset(model, options.opset)
+    original = model_bytes(model)
+    timings["load"] = time.perf_counter() - t0
+    report = Report(
+        model=str(src),
+        source="onnx",
+        tracer=f"none (ONNX opset {model_opset(model)})",
+        inputs=[],
+        input_origin="",
+        notes=notes,
+    )
+    report.nodes_before = count_nodes(model)
+    t0 = time.perf_counter()
+    done = transform(
+        model,
+        passes,
+        options,
+        cleanup=Cleanup.STATIC,
+        runtime_forms=False,
+        before_pass=lambda p: stage(f"pass {p.name}"),
+    )
+    for r in done.runs:
+        p, res = r.pass_, r.result
+        report.passes.append(
+            PassReport(
+                p.name, p.describe(), p.exact, res.modified, res.changes, res.skipped, res.notes,
+                round(r.seconds, 4),
+            )
+        )  # fmt: skip
+    report.notes.extend(done.notes)
+    timings["passes"] = time.perf_counter() - t0
+    report.nodes_after = count_nodes(model)
+    if verify:
+        stage("comparing in onnxruntime")
+        t0 = time.perf_counter()
+        before = session(original)
+        feeds = make_feeds(before, input_shapes, seed)
+        report.inputs = ["x".join(map(str, a.shape)) + f":{a.dtype}" for a in feeds.values()]
+        report.input_origin = "given" if input_shapes else "model (symbolic dims = 2)"
+        ref = before.run(None, feeds)
+        out = session(model_bytes(model)).run(None, feeds)
+        abs_err, rel_err = relative_error(ref, out)
+        exact = report.exact
+        passed = rel_err <= rtol if exact else None
+        report.verify = VerifyReport(abs_err, rel_err, rtol, exact, passed)
+        timings["verify"] = time.perf_counter() - t0
+        if passed is False:
+            raise VerifyError(
+                f"rewritten ONNX model differs from the input in onnxruntime: max rel err "
+                f"{rel_err:.3g} > rtol {rtol:g}; nothing written"
+            )
+    for dest in outputs:
+        stage(f"writing {dest}")
+        written = save_validated(model, Path(dest), threshold=options.external_data_threshold)
+        v = report.verify
+        o = OutputReport(
+            str(dest), "onnx", v.max_abs_err if v else None, v.max_rel_err if v else None
+        )
+        o.notes.extend(written)
+        report.outputs.append(o)
+    report.seconds = {k: round(v, 3) for k, v in timings.items()}
+    return model, report
