@@ -87,6 +87,7 @@ def _load(
     trust_remote_code: bool,
     seed: int,
     trust_pickle: bool = False,
+    trust_native_code: bool = False,
 ) -> LoadedModel:
     if isinstance(model, LoadedModel):
         return model
@@ -99,7 +100,7 @@ def _load(
             example_inputs = make_inputs(input_specs, seed)
         return LoadedModel(model, as_tuple(example_inputs), "module", type(model).__name__)
     loaded = load(model, input_specs, trust_remote_code=trust_remote_code, seed=seed,
-                  trust_pickle=trust_pickle)
+                  trust_pickle=trust_pickle, trust_native_code=trust_native_code)
     if example_inputs is not None:
         loaded.example_inputs, loaded.input_origin = as_tuple(example_inputs), "given"
     return loaded
@@ -131,9 +132,11 @@ def prepare(
     seed: int = 0,
     trust_pickle: bool = False,
     dynamic: bool = False,
+    trust_native_code: bool = False,
 ) -> tuple[LoadedModel, GraphModule, str, list[str]]:
     """Load and trace: (loaded model, traced graph, tracer used, notes)."""
-    loaded = _load(model, example_inputs, input_specs, trust_remote_code, seed, trust_pickle)
+    loaded = _load(model, example_inputs, input_specs, trust_remote_code, seed, trust_pickle,
+                   trust_native_code)
     notes = list(loaded.notes)
     if loaded.exported is not None:
         from normrewrite.trace import exported_module
@@ -170,6 +173,7 @@ def convert(
     onnx_options: Any = None,
     compile: str | None = None,
     device: str = "cpu",
+    trust_native_code: bool = False,
 ) -> ConvertResult:
     """Load, trace, rewrite, verify and (optionally) write ``model``.
 
@@ -210,7 +214,8 @@ def convert(
     with _timed(timings, "load+trace"):
         stage("loading and tracing")
         if wants_onnx and onnx_opts.dtype != "float32":
-            model = _load(model, example_inputs, input_specs, trust_remote_code, seed, trust_pickle)
+            model = _load(model, example_inputs, input_specs, trust_remote_code, seed, trust_pickle,
+                          trust_native_code)
             reference32 = _cast_model(model, onnx_opts)
             example_inputs = model.example_inputs
             from normrewrite.onnx_io import DTYPE_RTOL
@@ -220,6 +225,7 @@ def convert(
             model, example_inputs, input_specs=input_specs, tracer=tracer,
             keep_training=keep_training, trust_remote_code=trust_remote_code, seed=seed,
             trust_pickle=trust_pickle, dynamic=wants_onnx and onnx_opts.dynamic,
+            trust_native_code=trust_native_code,
         )
     inputs = loaded.example_inputs
     meta = on_meta(inputs)
@@ -480,6 +486,7 @@ def inspect(
     trust_remote_code: bool = False,
     seed: int = 0,
     trust_pickle: bool = False,
+    trust_native_code: bool = False,
 ) -> InspectResult:
     """Every norm layer of ``model`` with what each registered pass could do with it."""
     if isinstance(model, str | os.PathLike) and os.fspath(model).endswith(".onnx"):
@@ -487,6 +494,7 @@ def inspect(
     loaded, gm, tracer_used, _ = prepare(
         model, example_inputs, input_specs=input_specs, tracer=tracer,
         trust_remote_code=trust_remote_code, seed=seed, trust_pickle=trust_pickle,
+        trust_native_code=trust_native_code,
     )
     ctx = PassContext(example_inputs=loaded.example_inputs, reference=loaded.module, seed=seed)
     actions: dict[str, dict[str, str]] = {}

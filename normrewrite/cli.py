@@ -95,7 +95,11 @@ _trust_opt = click.option(
 )
 _pickle_opt = click.option(
     "--trust-pickle", is_flag=True,
-    help="allow unpickling a .pt/.pth/.bin module (runs code from the file); needs --input",
+    help="allow unpickling a .pt/.pth/.bin module or pickles in a .pt2 (runs code from the file)",
+)
+_native_opt = click.option(
+    "--trust-native-code", is_flag=True,
+    help="allow a .pt2 that carries compiled code (shared objects); loading it runs that code",
 )
 
 
@@ -141,6 +145,7 @@ _pickle_opt = click.option(
               help="device the AOTInductor package is compiled for")
 @_trust_opt
 @_pickle_opt
+@_native_opt
 @_debug_opt
 def convert(
     model: str, outputs: tuple[str, ...], pass_specs: tuple[str, ...], inputs: tuple[str, ...],
@@ -149,6 +154,7 @@ def convert(
     quiet: bool, meta: bool, max_shard_size: int, trust_remote_code: bool, trust_pickle: bool,
     debug: bool, compile_: str | None = None, device: str = "cpu", onnx_target: str = "standard",
     dynamic: bool = False, onnx_dtype: str = "float32", keep_io_types: bool = False,
+    trust_native_code: bool = False,
 ) -> None:
     """Rewrite MODEL with passes and write it to each -o output.
 
@@ -198,7 +204,7 @@ def convert(
                 keep_training=keep_training_mode, trust_remote_code=trust_remote_code, seed=seed,
                 verify_each=verify_each, after_change=after, trust_pickle=trust_pickle,
                 on_stage=lambda s: status.update(s), compile=compile_, device=device,
-                onnx_options=onnx_options,
+                onnx_options=onnx_options, trust_native_code=trust_native_code,
             )
         render(result.report, out)
         if report_path:
@@ -244,9 +250,11 @@ def _stream(model: str, passes: list[str], outputs: tuple[str, ...], *, force: b
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @_trust_opt
 @_pickle_opt
+@_native_opt
 @_debug_opt
 def inspect(model: str, inputs: tuple[str, ...], tracer: str, as_json: bool,
-            trust_remote_code: bool, trust_pickle: bool, debug: bool) -> None:
+            trust_remote_code: bool, trust_pickle: bool, debug: bool,
+            trust_native_code: bool = False) -> None:
     """List MODEL's norm layers and what each pass could do with them."""
     if not debug:
         _quiet_libraries()
@@ -255,7 +263,8 @@ def inspect(model: str, inputs: tuple[str, ...], tracer: str, as_json: bool,
         from normrewrite import api
 
         result = api.inspect(model, input_specs=_specs(inputs), tracer=tracer,
-                             trust_remote_code=trust_remote_code, trust_pickle=trust_pickle)
+                             trust_remote_code=trust_remote_code, trust_pickle=trust_pickle,
+                             trust_native_code=trust_native_code)
         if as_json:
             click.echo(json.dumps(result.to_json(), indent=2, default=str))
             return
