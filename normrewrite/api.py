@@ -31,6 +31,7 @@ from normrewrite.load import LoadedModel, load
 from normrewrite.load.inputs import InputSpec, as_tuple, describe
 from normrewrite.passes import REGISTRY
 from normrewrite.report import OutputReport, PassReport, Report, VerifyReport
+from normrewrite.report import save as save_report
 from normrewrite.trace import Tracer, on_meta, trace
 from normrewrite.verify import compare, run
 
@@ -174,6 +175,7 @@ def convert(
     compile: str | None = None,
     device: str = "cpu",
     trust_native_code: bool = False,
+    report_path: str | os.PathLike[str] | None = None,
 ) -> ConvertResult:
     """Load, trace, rewrite, verify and (optionally) write ``model``.
 
@@ -185,29 +187,41 @@ def convert(
     (``"cpu"`` or ``"cuda"``); outputs named ``*.aoti.pt2`` are packages regardless
     (:mod:`normrewrite.emit.aoti`).
 
+    ``report_path``: the report as JSON, committed with the outputs in one step
+    (:func:`normrewrite.emit.files.transaction`). Outputs that would overwrite, contain or lie
+    inside anything the run reads, or each other, are refused before any work.
+
     Raises :class:`~normrewrite.errors.VerifyError` (and writes nothing) when an exact pipeline
     changes the outputs by more than ``rtol`` relative to the largest output magnitude.
     """
     stage = on_stage or (lambda _s: None)
     timings: dict[str, float] = {}
     onnx_opts = _onnx_options(onnx_options, opset)
+    from normrewrite.emit.files import transaction
+
+    out_paths = [Path(o) for o in outputs]
+    report_file = Path(report_path) if report_path is not None else None
     if isinstance(model, str | os.PathLike) and os.fspath(model).endswith(".onnx"):
-        return _convert_onnx(Path(os.fspath(model)), passes, outputs, onnx_opts, input_specs=input_specs,
-                             verify=verify, rtol=rtol, force=force, seed=seed, stage=stage)
+        from normrewrite.passes import ONNX_REGISTRY
+
+        onnx_passes = [p if isinstance(p, Pass) else ONNX_REGISTRY.create(p) for p in passes]
+        dests = _check_outputs(model, onnx_passes, out_paths, report_file, force)
+        with transaction(dests):
+            result = _convert_onnx(Path(os.fspath(model)), onnx_passes, outputs, onnx_opts,
+                                   input_specs=input_specs, verify=verify, rtol=rtol, force=force,
+                                   seed=seed, stage=stage)
+            if report_file is not None:
+                save_report(result.report, report_file)
+        return result
     pipeline = _resolve_passes(passes)
     if rtol <= 0:
         raise UsageError("rtol must be positive")
-    out_paths = [Path(o) for o in outputs]
     formats = [_emit.output_format(p) for p in out_paths]
     from normrewrite.emit.aoti import check_compile_options, output_formats
 
     check_compile_options(compile, device)
     formats = output_formats(out_paths, formats, compile)
-    src = Path(os.fspath(model)) if isinstance(model, str | os.PathLike) else None
-    for p in out_paths:
-        from normrewrite.emit.files import check_output
-
-        check_output(p, force=force, inputs=(src,) if src else ())
+    dests = _check_outputs(model, pipeline, out_paths, report_file, force)
 
     wants_onnx = "onnx" in formats
     reference32 = None  # --dtype: the fp32 original's outputs, which ONNX parity is measured against
@@ -285,9 +299,7 @@ def convert(
 
     conv = ConvertResult(gm, report, loaded.module, inputs)
     if out_paths:
-        from normrewrite.emit.files import undo_on_failure
-
-        with _timed(timings, "emit"), undo_on_failure(out_paths):
+        with _timed(timings, "emit"), transaction(dests):
             stage("exporting the rewritten model")
             if wants_onnx:
                 _fix_export(gm, ctx, report)
@@ -306,8 +318,29 @@ def convert(
                                                      rtol=rtol, exact=report.exact, timings=timings))
                     continue
                 report.outputs.append(_write(ep, path, fmt, inputs, reference, rtol, report, opset))
+            report.seconds = {k: round(v, 3) for k, v in timings.items()}
+            if report_file is not None:
+                save_report(report, report_file)  # committed with the outputs, in one step
+    elif report_file is not None:
+        report.seconds = {k: round(v, 3) for k, v in timings.items()}
+        save_report(report, report_file)
     report.seconds = {k: round(v, 3) for k, v in timings.items()}
     return conv
+
+
+def _check_outputs(
+    model: ModelLike, pipeline: Sequence[Pass], outputs: list[Path], report: Path | None, force: bool
+) -> list[Path]:
+    """Refuse outputs that would destroy an input or each other, existing outputs without
+    ``force`` and unwritable directories, before any work; the paths the run will create."""
+    from normrewrite.emit.files import check_output, companions, plan_outputs, read_paths
+
+    plan_outputs(outputs, inputs=read_paths(model if isinstance(model, str | os.PathLike) else None,
+                                            pipeline), report=report)
+    dests = [*outputs, *(c for o in outputs for c in companions(o)), *([report] if report else [])]
+    for p in [*outputs, *([report] if report else [])]:
+        check_output(p, force=force)
+    return dests
 
 
 def _write(

@@ -3,8 +3,10 @@ rich tables for the terminal."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -68,6 +70,14 @@ class Report:
         data["exact"] = self.exact
         data["output"] = data["outputs"][0] if data["outputs"] else None
         return _finite(data)
+
+
+def save(report: Report, path: Path) -> None:
+    """The report as JSON at ``path`` (atomically; staged in the run's output transaction)."""
+    from normrewrite.emit.files import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(report.to_json(), indent=2, default=str))
 
 
 def _finite(value: Any) -> Any:
