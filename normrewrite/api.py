@@ -288,7 +288,19 @@ def convert(
             cmp = compare(reference, run(gm, inputs))
         exact = report.exact
         passed = cmp.within(rtol) if exact else None
-        report.verify = VerifyReport(cmp.max_abs_err, cmp.max_rel_err, rtol, exact, passed)
+        report.verify = VerifyReport(cmp.max_abs_err, cmp.max_rel_err, rtol, exact, passed,
+                                     cmp.unverified, list(cmp.unverified_outputs),
+                                     cmp.nonfinite_introduced)
+        if cmp.unverified:
+            report.notes.append(
+                f"cannot verify {cmp.unverified} output elements: NaN/Inf in the original's output "
+                f"{', '.join(map(str, cmp.unverified_outputs))}"
+            )
+        if passed is False and cmp.nonfinite_introduced:
+            raise VerifyError(
+                f"rewritten model gives {cmp.nonfinite_introduced} NaN/Inf values where the "
+                "original is finite; nothing written"
+            )
         if passed is False:
             raise VerifyError(
                 f"rewritten model differs from the original: max rel err {cmp.max_rel_err:.3g} "

@@ -35,6 +35,9 @@ class VerifyReport:
     rtol: float
     exact: bool  # all modifying passes claim exactness
     passed: bool | None  # None: approximate rewrite, error measured but not judged
+    unverified: int = 0  # output elements NaN/Inf in the original: cannot be verified
+    unverified_outputs: list[int] = field(default_factory=list)  # which outputs hold them
+    nonfinite_introduced: int = 0  # NaN/Inf in the rewritten outputs where the original is finite
 
 
 @dataclass
@@ -139,6 +142,13 @@ def render(report: Report, console: Console, *, max_rows: int = 12) -> None:
             f"max abs err {_fmt(v.max_abs_err)}, max rel err {_fmt(v.max_rel_err)} "
             f"(rtol {v.rtol:g}) {verdict}",
         )
+        if v.nonfinite_introduced:
+            summary.add_row("", f"[red]{v.nonfinite_introduced} NaN/Inf values the original does not have[/]")
+        if v.unverified:
+            outs = ", ".join(map(str, v.unverified_outputs))
+            summary.add_row(
+                "", f"[yellow]cannot verify {v.unverified} elements[/] (NaN/Inf in the original's output {outs})"
+            )
     for o in report.outputs:
         extra = ""
         if o.onnx_max_rel_err is not None:
