@@ -188,8 +188,8 @@ class _Sink(io.RawIOBase):
     raises :attr:`error` afterwards."""
 
     def __init__(self, f: BinaryIO) -> None:
-        self.f, self.error, self.pos = f, None, 0
-        self.error: OSError | None = None
+        self.f, self.pos = f, 0
+        self.error: BaseException | None = None
 
     def writable(self) -> bool:
         return True
@@ -209,11 +209,11 @@ class _Sink(io.RawIOBase):
 
     def write(self, b: Any) -> int:
         n = len(memoryview(b))
-        if self.error is None:
-            try:
+        try:
+            if self.error is None:
                 self.f.write(b)
-            except OSError as e:
-                self.error = e
+        except BaseException as e:  # an OSError, or Ctrl-C landing here: raised after the writer
+            self.error = e
         self.pos += n
         return n
 
@@ -233,6 +233,8 @@ def guarded_writer(path: Path) -> Iterator[io.RawIOBase]:
             sink.error = sink.error or e
     if sink.error is not None:
         e = sink.error
+        if not isinstance(e, OSError):
+            raise e
         reason = "no space left on the device" if e.errno == errno.ENOSPC else e.strerror
         raise EmitError(f"writing {path.name} failed: {reason}")
 
