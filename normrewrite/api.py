@@ -31,6 +31,7 @@ from normrewrite.load import LoadedModel, load
 from normrewrite.load.inputs import InputSpec, as_tuple, describe
 from normrewrite.passes import REGISTRY
 from normrewrite.report import OutputReport, PassReport, Report, VerifyReport
+from normrewrite.report import save as save_report
 from normrewrite.trace import Tracer, on_meta, trace
 from normrewrite.verify import compare, run
 
@@ -90,6 +91,7 @@ def _load(
     trust_remote_code: bool,
     seed: int,
     trust_pickle: bool = False,
+    trust_native_code: bool = False,
 ) -> LoadedModel:
     if isinstance(model, LoadedModel):
         return model
@@ -102,7 +104,7 @@ def _load(
             example_inputs = make_inputs(input_specs, seed)
         return LoadedModel(model, as_tuple(example_inputs), "module", type(model).__name__)
     loaded = load(model, input_specs, trust_remote_code=trust_remote_code, seed=seed,
-                  trust_pickle=trust_pickle)
+                  trust_pickle=trust_pickle, trust_native_code=trust_native_code)
     if example_inputs is not None:
         loaded.example_inputs, loaded.input_origin = as_tuple(example_inputs), "given"
     return loaded
@@ -134,9 +136,11 @@ def prepare(
     seed: int = 0,
     trust_pickle: bool = False,
     dynamic: bool = False,
+    trust_native_code: bool = False,
 ) -> tuple[LoadedModel, GraphModule, str, list[str]]:
     """Load and trace: (loaded model, traced graph, tracer used, notes)."""
-    loaded = _load(model, example_inputs, input_specs, trust_remote_code, seed, trust_pickle)
+    loaded = _load(model, example_inputs, input_specs, trust_remote_code, seed, trust_pickle,
+                   trust_native_code)
     notes = list(loaded.notes)
     if loaded.exported is not None:
         from normrewrite.trace import exported_module
@@ -173,6 +177,8 @@ def convert(
     onnx_options: Any = None,
     compile: str | None = None,
     device: str = "cpu",
+    trust_native_code: bool = False,
+    report_path: str | os.PathLike[str] | None = None,
 ) -> ConvertResult:
     """Load, trace, rewrite, verify and (optionally) write ``model``.
 
@@ -184,36 +190,49 @@ def convert(
     (``"cpu"`` or ``"cuda"``); outputs named ``*.aoti.pt2`` are packages regardless
     (:mod:`normrewrite.emit.aoti`).
 
+    ``report_path``: the report as JSON, committed with the outputs in one step
+    (:func:`normrewrite.emit.files.transaction`). Outputs that would overwrite, contain or lie
+    inside anything the run reads, or each other, are refused before any work.
+
     Raises :class:`~normrewrite.errors.VerifyError` (and writes nothing) when an exact pipeline
     changes the outputs by more than ``rtol`` relative to the largest output magnitude.
     """
     stage = on_stage or (lambda _s: None)
     timings: dict[str, float] = {}
     onnx_opts = _onnx_options(onnx_options, opset)
+    from normrewrite.emit.files import transaction
+
+    out_paths = [Path(o) for o in outputs]
+    report_file = Path(report_path) if report_path is not None else None
     if isinstance(model, str | os.PathLike) and os.fspath(model).endswith(".onnx"):
-        return _convert_onnx(Path(os.fspath(model)), passes, outputs, onnx_opts, input_specs=input_specs,
-                             verify=verify, rtol=rtol, force=force, seed=seed, stage=stage)
+        from normrewrite.passes import ONNX_REGISTRY
+
+        onnx_passes = [p if isinstance(p, Pass) else ONNX_REGISTRY.create(p) for p in passes]
+        dests = _check_outputs(model, onnx_passes, out_paths, report_file, force)
+        with transaction(dests):
+            result = _convert_onnx(Path(os.fspath(model)), onnx_passes, outputs, onnx_opts,
+                                   input_specs=input_specs, verify=verify, rtol=rtol, force=force,
+                                   seed=seed, stage=stage)
+            if report_file is not None:
+                save_report(result.report, report_file)
+        return result
     pipeline = _resolve_passes(passes)
     if rtol <= 0:
         raise UsageError("rtol must be positive")
-    out_paths = [Path(o) for o in outputs]
     formats = [_emit.output_format(p) for p in out_paths]
     from normrewrite.emit.aoti import check_compile_options, output_formats
 
     check_compile_options(compile, device)
     formats = output_formats(out_paths, formats, compile)
-    src = Path(os.fspath(model)) if isinstance(model, str | os.PathLike) else None
-    for p in out_paths:
-        from normrewrite.emit.files import check_output
-
-        check_output(p, force=force, inputs=(src,) if src else ())
+    dests = _check_outputs(model, pipeline, out_paths, report_file, force)
 
     wants_onnx = "onnx" in formats
     reference32 = None  # --dtype: the fp32 original's outputs, which ONNX parity is measured against
     with _timed(timings, "load+trace"):
         stage("loading and tracing")
         if wants_onnx and onnx_opts.dtype != "float32":
-            model = _load(model, example_inputs, input_specs, trust_remote_code, seed, trust_pickle)
+            model = _load(model, example_inputs, input_specs, trust_remote_code, seed, trust_pickle,
+                          trust_native_code)
             reference32 = _cast_model(model, onnx_opts)
             example_inputs = model.example_inputs
             from normrewrite.emit.onnx.options import DTYPE_RTOL
@@ -223,6 +242,7 @@ def convert(
             model, example_inputs, input_specs=input_specs, tracer=tracer,
             keep_training=keep_training, trust_remote_code=trust_remote_code, seed=seed,
             trust_pickle=trust_pickle, dynamic=wants_onnx and onnx_opts.dynamic,
+            trust_native_code=trust_native_code,
         )
     inputs = loaded.example_inputs
     meta = on_meta(inputs)
@@ -271,7 +291,19 @@ def convert(
             cmp = compare(reference, run(gm, inputs))
         exact = report.exact
         passed = cmp.within(rtol) if exact else None
-        report.verify = VerifyReport(cmp.max_abs_err, cmp.max_rel_err, rtol, exact, passed)
+        report.verify = VerifyReport(cmp.max_abs_err, cmp.max_rel_err, rtol, exact, passed,
+                                     cmp.unverified, list(cmp.unverified_outputs),
+                                     cmp.nonfinite_introduced)
+        if cmp.unverified:
+            report.notes.append(
+                f"cannot verify {cmp.unverified} output elements: NaN/Inf in the original's output "
+                f"{', '.join(map(str, cmp.unverified_outputs))}"
+            )
+        if passed is False and cmp.nonfinite_introduced:
+            raise VerifyError(
+                f"rewritten model gives {cmp.nonfinite_introduced} NaN/Inf values where the "
+                "original is finite; nothing written"
+            )
         if passed is False:
             raise VerifyError(
                 f"rewritten model differs from the original: max rel err {cmp.max_rel_err:.3g} "
@@ -282,9 +314,7 @@ def convert(
 
     conv = ConvertResult(gm, report, loaded.module, inputs)
     if out_paths:
-        from normrewrite.emit.files import undo_on_failure
-
-        with _timed(timings, "emit"), undo_on_failure(out_paths):
+        with _timed(timings, "emit"), transaction(dests):
             stage("exporting the rewritten model")
             if wants_onnx:
                 _fix_export(gm, ctx, report)
@@ -303,8 +333,29 @@ def convert(
                                                      rtol=rtol, exact=report.exact, timings=timings))
                     continue
                 report.outputs.append(_write(ep, path, fmt, inputs, reference, rtol, report, opset))
+            report.seconds = {k: round(v, 3) for k, v in timings.items()}
+            if report_file is not None:
+                save_report(report, report_file)  # committed with the outputs, in one step
+    elif report_file is not None:
+        report.seconds = {k: round(v, 3) for k, v in timings.items()}
+        save_report(report, report_file)
     report.seconds = {k: round(v, 3) for k, v in timings.items()}
     return conv
+
+
+def _check_outputs(
+    model: ModelLike, pipeline: Sequence[Pass], outputs: list[Path], report: Path | None, force: bool
+) -> list[Path]:
+    """Refuse outputs that would destroy an input or each other, existing outputs without
+    ``force`` and unwritable directories, before any work; the paths the run will create."""
+    from normrewrite.emit.files import check_output, companions, plan_outputs, read_paths
+
+    plan_outputs(outputs, inputs=read_paths(model if isinstance(model, str | os.PathLike) else None,
+                                            pipeline), report=report)
+    dests = [*outputs, *(c for o in outputs for c in companions(o)), *([report] if report else [])]
+    for p in [*outputs, *([report] if report else [])]:
+        check_output(p, force=force)
+    return dests
 
 
 def _write(
@@ -462,6 +513,7 @@ def inspect(
     trust_remote_code: bool = False,
     seed: int = 0,
     trust_pickle: bool = False,
+    trust_native_code: bool = False,
 ) -> InspectResult:
     """Every norm layer of ``model`` with what each registered pass could do with it."""
     if isinstance(model, str | os.PathLike) and os.fspath(model).endswith(".onnx"):
@@ -469,6 +521,7 @@ def inspect(
     loaded, gm, tracer_used, _ = prepare(
         model, example_inputs, input_specs=input_specs, tracer=tracer,
         trust_remote_code=trust_remote_code, seed=seed, trust_pickle=trust_pickle,
+        trust_native_code=trust_native_code,
     )
     ctx = PassContext(example_inputs=loaded.example_inputs, reference=loaded.module, seed=seed)
     actions: dict[str, dict[str, str]] = {}

@@ -23,11 +23,13 @@ from rich.console import Console
 from rich.table import Table
 
 from normrewrite.errors import NormRewriteError
-from normrewrite.load.inputs import InputSpec
+from normrewrite.load.inputs import MAX_INPUT_BYTES, InputSpec, check_input_size, input_limit
 
 
-def _specs(values: tuple[str, ...]) -> list[InputSpec] | None:
-    return [InputSpec.parse(v) for v in values] or None
+def _specs(values: tuple[str, ...], max_bytes: int = MAX_INPUT_BYTES) -> list[InputSpec] | None:
+    specs = [InputSpec.parse(v) for v in values]
+    check_input_size(specs, max_bytes)  # before anything loads; make_inputs checks again
+    return specs or None
 
 
 def _quiet_libraries() -> None:
@@ -49,7 +51,11 @@ def _silence_progress() -> None:
 
 
 def _run(debug: bool, fn: Callable[[], Any]) -> Any:
-    """Run ``fn``; user errors become one line and exit code, others too unless --debug."""
+    """Run ``fn``; user errors become one line and exit code, others too unless --debug. An
+    interruption (Ctrl-C, SIGTERM) exits 130 and says whether the outputs were written."""
+    from normrewrite.emit.files import committed, reset_committed
+
+    reset_committed()
     try:
         return fn()
     except NormRewriteError as e:
@@ -60,8 +66,15 @@ def _run(debug: bool, fn: Callable[[], Any]) -> Any:
         raise exc from None
     except click.ClickException:
         raise
-    except KeyboardInterrupt:
-        raise click.ClickException("interrupted; nothing written") from None
+    except KeyboardInterrupt as e:
+        written = getattr(e, "written", None) or committed()
+        msg = "interrupted; nothing written"
+        if written:
+            shown = ", ".join(str(p) for p in written)
+            msg = f"interrupted after the outputs were written (all complete): {shown}"
+        exc = click.ClickException(msg)
+        exc.exit_code = 130
+        raise exc from None
     except Exception as e:
         if debug:
             traceback.print_exc()
@@ -85,6 +98,10 @@ _input_opt = click.option(
     "--input", "inputs", multiple=True, metavar="SHAPE[:dtype]",
     help="example input, one per positional model input, e.g. 1x3x224x224 or 1x16:int64",
 )
+_max_input_opt = click.option(
+    "--max-input-bytes", type=click.IntRange(min=1), default=MAX_INPUT_BYTES, show_default=True,
+    help="refuse --input shapes whose tensors take more bytes than this in total",
+)
 _tracer_opt = click.option(
     "--tracer", type=click.Choice(["auto", "fx", "export"]), default="auto", show_default=True,
     help="torch.fx.symbolic_trace, torch.export, or fx falling back to export",
@@ -95,7 +112,11 @@ _trust_opt = click.option(
 )
 _pickle_opt = click.option(
     "--trust-pickle", is_flag=True,
-    help="allow unpickling a .pt/.pth/.bin module (runs code from the file); needs --input",
+    help="allow unpickling a .pt/.pth/.bin module or pickles in a .pt2 (runs code from the file)",
+)
+_native_opt = click.option(
+    "--trust-native-code", is_flag=True,
+    help="allow a .pt2 that carries compiled code (shared objects); loading it runs that code",
 )
 
 
@@ -106,6 +127,7 @@ _pickle_opt = click.option(
 @click.option("-p", "--pass", "pass_specs", multiple=True, metavar="NAME[:k=v,...]",
               help="pass to run, in order; repeatable (default: fold-bn)")
 @_input_opt
+@_max_input_opt
 @_tracer_opt
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="write the report as JSON")
 @click.option("--rtol", type=float, default=1e-4, show_default=True,
@@ -141,6 +163,7 @@ _pickle_opt = click.option(
               help="device the AOTInductor package is compiled for")
 @_trust_opt
 @_pickle_opt
+@_native_opt
 @_debug_opt
 def convert(
     model: str, outputs: tuple[str, ...], pass_specs: tuple[str, ...], inputs: tuple[str, ...],
@@ -149,6 +172,7 @@ def convert(
     quiet: bool, meta: bool, max_shard_size: int, trust_remote_code: bool, trust_pickle: bool,
     debug: bool, compile_: str | None = None, device: str = "cpu", onnx_target: str = "standard",
     dynamic: bool = False, onnx_dtype: str = "float32", keep_io_types: bool = False,
+    trust_native_code: bool = False, max_input_bytes: int = MAX_INPUT_BYTES,
 ) -> None:
     """Rewrite MODEL with passes and write it to each -o output.
 
@@ -166,22 +190,21 @@ def convert(
         from normrewrite import api
         from normrewrite.report import render
 
-        if report_path:
-            from normrewrite.emit.files import check_output
-
-            check_output(Path(report_path), force=force, inputs=(Path(model),))
-        specs = _specs(inputs)
+        specs = _specs(inputs, max_input_bytes)
         passes = list(pass_specs) or ["fold-bn"]
-        for spec in passes:  # fail fast on bad pass names/options, before loading anything
-            from normrewrite.passes import ONNX_REGISTRY, REGISTRY
+        from normrewrite.passes import ONNX_REGISTRY, REGISTRY
 
-            (ONNX_REGISTRY if model.endswith(".onnx") else REGISTRY).create(spec)
+        # fail fast on bad pass names/options, before loading anything
+        created = [(ONNX_REGISTRY if model.endswith(".onnx") else REGISTRY).create(s) for s in passes]
         from normrewrite.emit.onnx.options import OnnxOptions
 
         onnx_options = OnnxOptions(opset=opset, target=onnx_target, dynamic=dynamic,  # type: ignore[arg-type]
                                    dtype=onnx_dtype, keep_io_types=keep_io_types)
 
         if meta:
+            from normrewrite.emit.files import plan_outputs, read_paths
+
+            plan_outputs(outputs, inputs=read_paths(model, created), report=report_path)
             _stream(model, passes, outputs, force=force, max_shard_size=max_shard_size,
                     trust_remote_code=trust_remote_code, err=err, out=out, onnx_options=onnx_options)
             return
@@ -198,16 +221,16 @@ def convert(
                 keep_training=keep_training_mode, trust_remote_code=trust_remote_code, seed=seed,
                 verify_each=verify_each, after_change=after, trust_pickle=trust_pickle,
                 on_stage=lambda s: status.update(s), compile=compile_, device=device,
-                onnx_options=onnx_options,
+                onnx_options=onnx_options, trust_native_code=trust_native_code,
+                report_path=report_path,
             )
         render(result.report, out)
-        if report_path:
-            from normrewrite.emit.files import atomic_file
 
-            with atomic_file(Path(report_path)) as tmp:
-                tmp.write_text(json.dumps(result.report.to_json(), indent=2, default=str))
+    def limited() -> None:
+        with input_limit(max_input_bytes):
+            go()
 
-    _run(debug, go)
+    _run(debug, limited)
 
 
 def _stream(model: str, passes: list[str], outputs: tuple[str, ...], *, force: bool,
@@ -240,13 +263,16 @@ def _stream(model: str, passes: list[str], outputs: tuple[str, ...], *, force: b
 @main.command()
 @_model_arg
 @_input_opt
+@_max_input_opt
 @_tracer_opt
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @_trust_opt
 @_pickle_opt
+@_native_opt
 @_debug_opt
 def inspect(model: str, inputs: tuple[str, ...], tracer: str, as_json: bool,
-            trust_remote_code: bool, trust_pickle: bool, debug: bool) -> None:
+            trust_remote_code: bool, trust_pickle: bool, debug: bool,
+            trust_native_code: bool = False, max_input_bytes: int = MAX_INPUT_BYTES) -> None:
     """List MODEL's norm layers and what each pass could do with them."""
     if not debug:
         _quiet_libraries()
@@ -254,8 +280,9 @@ def inspect(model: str, inputs: tuple[str, ...], tracer: str, as_json: bool,
     def go() -> None:
         from normrewrite import api
 
-        result = api.inspect(model, input_specs=_specs(inputs), tracer=tracer,
-                             trust_remote_code=trust_remote_code, trust_pickle=trust_pickle)
+        result = api.inspect(model, input_specs=_specs(inputs, max_input_bytes), tracer=tracer,
+                             trust_remote_code=trust_remote_code, trust_pickle=trust_pickle,
+                             trust_native_code=trust_native_code)
         if as_json:
             click.echo(json.dumps(result.to_json(), indent=2, default=str))
             return
@@ -284,7 +311,11 @@ def inspect(model: str, inputs: tuple[str, ...], tracer: str, as_json: bool,
             for u in si["undecided"][:6]:
                 console.print(f"  undecided {u['name']}: {u['reason']}", markup=False)
 
-    _run(debug, go)
+    def limited() -> None:
+        with input_limit(max_input_bytes):
+            go()
+
+    _run(debug, limited)
 
 
 @main.command("passes")

@@ -3,8 +3,10 @@ rich tables for the terminal."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -33,6 +35,9 @@ class VerifyReport:
     rtol: float
     exact: bool  # all modifying passes claim exactness
     passed: bool | None  # None: approximate rewrite, error measured but not judged
+    unverified: int = 0  # output elements NaN/Inf in the original: cannot be verified
+    unverified_outputs: list[int] = field(default_factory=list)  # which outputs hold them
+    nonfinite_introduced: int = 0  # NaN/Inf in the rewritten outputs where the original is finite
 
 
 @dataclass
@@ -68,6 +73,14 @@ class Report:
         data["exact"] = self.exact
         data["output"] = data["outputs"][0] if data["outputs"] else None
         return _finite(data)
+
+
+def save(report: Report, path: Path) -> None:
+    """The report as JSON at ``path`` (atomically; staged in the run's output transaction)."""
+    from normrewrite.emit.files import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(report.to_json(), indent=2, default=str))
 
 
 def _finite(value: Any) -> Any:
@@ -129,6 +142,13 @@ def render(report: Report, console: Console, *, max_rows: int = 12) -> None:
             f"max abs err {_fmt(v.max_abs_err)}, max rel err {_fmt(v.max_rel_err)} "
             f"(rtol {v.rtol:g}) {verdict}",
         )
+        if v.nonfinite_introduced:
+            summary.add_row("", f"[red]{v.nonfinite_introduced} NaN/Inf values the original does not have[/]")
+        if v.unverified:
+            outs = ", ".join(map(str, v.unverified_outputs))
+            summary.add_row(
+                "", f"[yellow]cannot verify {v.unverified} elements[/] (NaN/Inf in the original's output {outs})"
+            )
     for o in report.outputs:
         extra = ""
         if o.onnx_max_rel_err is not None:

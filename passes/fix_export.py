@@ -29,7 +29,7 @@ are replaced by a call to a Python function of standard ops that torch.export tr
 follow). The decomposition computes every expert's product and gathers each row's: exact up to
 float summation order, at E× the matmul work. Other ops with no ONNX translation are left alone and
 the exporter's error is reported in one line naming the op
-(:func:`normrewrite.onnx_io.export_error`).
+(:func:`normrewrite.emit.onnx.export.export_error`).
 """
 
 from __future__ import annotations

@@ -181,7 +181,8 @@ BAD = [
     Bad(
         "output-is-input",
         lambda d, p: (str(_copy(p, d)), ["--force"]),
-        "would overwrite the input",
+        "is the input",
+        exit_code=2,
         output="same.pt2",
     ),
     Bad("unknown-output-format", lambda d, p: (str(p), []), "output format", output="out.txt"),

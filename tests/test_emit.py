@@ -8,6 +8,7 @@ import copy
 import importlib
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 import normrewrite
 from normrewrite import emit
 from normrewrite.emit.files import atomic_dir, atomic_file, check_output
-from normrewrite.errors import EmitError
+from normrewrite.errors import EmitError, UsageError
 
 
 class Net(nn.Module):
@@ -122,8 +123,8 @@ def test_output_format() -> None:
 
 
 def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken_save(ep: object, path: str) -> None:
-        Path(path).write_bytes(b"half a file")
+    def broken_save(ep: object, f: Any) -> None:  # torch.export.save gets a file object
+        f.write(b"half a file")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch.export, "save", broken_save)
@@ -175,9 +176,9 @@ def test_atomic_file_and_dir(tmp_path: Path) -> None:
 def test_check_output(tmp_path: Path) -> None:
     src = tmp_path / "in.pt2"
     src.write_bytes(b"x")
-    with pytest.raises(EmitError, match="would overwrite the input"):
+    with pytest.raises(UsageError, match="is the input"):
         check_output(src, force=True, inputs=(src,))
-    with pytest.raises(EmitError, match="would overwrite the input"):
+    with pytest.raises(UsageError, match="contains the input"):
         check_output(tmp_path, force=True, inputs=(src,))  # a DIR output holding the input
     with pytest.raises(EmitError, match="exists; pass --force"):
         check_output(src, force=False)

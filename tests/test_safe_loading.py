@@ -22,7 +22,8 @@ from torch import nn
 from normrewrite.cli import main
 from normrewrite.errors import LoadError
 from normrewrite.load import load
-from normrewrite.load.safety import check_external_data, check_pt2
+from normrewrite.load.pt2 import check_pt2
+from normrewrite.load.safety import check_external_data
 
 
 class _Evil:

@@ -24,7 +24,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.fx import GraphModule
 
-from normrewrite.emit.files import atomic_dir, atomic_file
+from normrewrite.emit.files import atomic_dir, atomic_file, guarded_writer
 from normrewrite.errors import EmitError, first_line
 from normrewrite.trace import silenced
 from normrewrite.verify import Comparison
@@ -70,9 +70,14 @@ def export_program(gm: GraphModule, example_inputs: tuple[Any, ...], *, dynamic:
 
 
 def write_pt2(ep: ExportedProgram, dest: Path) -> EmitResult:
+    """``torch.export.save`` through a guarded file object: a write error (a full disk) becomes
+    one :class:`EmitError` instead of an abort in torch's C++ zip writer."""
     with atomic_file(dest) as tmp:
         try:
-            torch.export.save(ep, str(tmp))
+            with guarded_writer(tmp) as f:
+                torch.export.save(ep, f)
+        except EmitError:
+            raise
         except Exception as e:
             raise EmitError(f"writing {dest} failed: {type(e).__name__}: {first_line(e)}") from e
     return EmitResult(str(dest), "pt2")

@@ -6,10 +6,10 @@ Accepted:
   or a ``(module, example_inputs)`` pair;
 * a Hugging Face model directory written by ``save_pretrained`` (``config.json`` + weights); the
   class is ``config.json``'s ``architectures[0]`` from ``transformers``; the network is never used;
-* a ``torch.export`` program saved as ``.pt2``.
+* a ``torch.export`` program saved as ``.pt2``, vetted first (:mod:`normrewrite.load.pt2`).
 
 ``.onnx`` files hold no torch module: ``convert``/``inspect`` rewrite them ONNX in → ONNX out
-(:mod:`normrewrite.onnx_io`); here they are checked (bad files get a one-line error) and refused.
+(:mod:`normrewrite.load.onnx`); here they are checked (bad files get a one-line error) and refused.
 Pickled ``.pt``/``.pth``/``.bin`` modules are refused: unpickling runs arbitrary code.
 """
 
@@ -20,7 +20,6 @@ import importlib.util
 import json
 import os
 import sys
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,15 +50,21 @@ def load(
     trust_remote_code: bool = False,
     seed: int = 0,
     trust_pickle: bool = False,
+    trust_native_code: bool = False,
 ) -> LoadedModel:
     """Load ``ref`` (see module docs). ``inputs`` overrides any example inputs the source knows.
-    ``trust_pickle`` allows unpickling a ``.pt``/``.pth``/``.bin`` module (runs the file's code)."""
+    ``trust_pickle`` allows unpickling a ``.pt``/``.pth``/``.bin`` module (runs the file's code)
+    or pickles inside a ``.pt2``; ``trust_native_code`` allows a ``.pt2`` carrying compiled code
+    (:mod:`normrewrite.load.pt2`)."""
     text = os.fspath(ref)
     path = Path(text)
     if path.is_dir():
         loaded = _load_hf(path, inputs, trust_remote_code=trust_remote_code, seed=seed)
     elif path.suffix == ".pt2":
-        loaded = _load_pt2(path, inputs, seed=seed, trust_pickle=trust_pickle)
+        from normrewrite.load.pt2 import load_pt2
+
+        loaded = load_pt2(path, inputs, seed=seed, trust_pickle=trust_pickle,
+                          trust_native_code=trust_native_code)
     elif path.suffix == ".onnx":
         from normrewrite.load.onnx import load_onnx
 
@@ -163,48 +168,6 @@ def _load_pickle(path: Path, inputs: Sequence[InputSpec] | None, *, seed: int) -
     obj.eval()
     return LoadedModel(obj, make_inputs(inputs, seed), "pickle", str(path),
                        notes=[f"{path.name} was unpickled (--trust-pickle)"])
-
-
-# --------------------------------------------------------------------------- torch.export
-
-
-def _load_pt2(
-    path: Path, inputs: Sequence[InputSpec] | None, *, seed: int, trust_pickle: bool = False
-) -> LoadedModel:
-    if not path.is_file():
-        raise LoadError(f"no such file: {path}")
-    if not zipfile.is_zipfile(path):
-        raise LoadError(f"{path}: not a torch.export program (not a .pt2 archive)")
-    from normrewrite.load.safety import check_pt2
-
-    check_pt2(path, trust_pickle=trust_pickle)  # torch.export.load may unpickle: see safety.py
-    try:
-        ep = torch.export.load(str(path))
-    except Exception as e:
-        raise LoadError(f"{path}: cannot load torch.export program: {type(e).__name__}: {e}") from e
-    if inputs:
-        example, origin = make_inputs(inputs, seed), "given"
-    else:
-        example, origin = _program_inputs(ep, seed), "program"
-    return LoadedModel(ep.module(), example, "pt2", str(path), exported=ep, input_origin=origin)
-
-
-def _program_inputs(ep: torch.export.ExportedProgram, seed: int) -> tuple[Any, ...]:
-    stored = getattr(ep, "example_inputs", None)
-    if stored:
-        args, kwargs = stored
-        if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
-            return tuple(a.clone() for a in args)
-    specs = []
-    user_inputs = set(ep.graph_signature.user_inputs)
-    for n in ep.graph.nodes:
-        if n.op == "placeholder" and n.name in user_inputs:
-            val = n.meta.get("val")
-            if not isinstance(val, torch.Tensor):
-                raise LoadError(f"cannot derive example inputs for {n.name}; pass --input")
-            shape = tuple(int(getattr(d, "node", d).hint if hasattr(d, "node") else d) for d in val.shape)
-            specs.append(InputSpec(shape, val.dtype))
-    return make_inputs(specs, seed)
 
 
 # --------------------------------------------------------------------------- Hugging Face

@@ -1,9 +1,15 @@
-"""Example inputs: ``--input SHAPE[:dtype]`` specs, and reproducible random tensors for them."""
+"""Example inputs: ``--input SHAPE[:dtype]`` specs, and reproducible random tensors for them.
+
+Inputs are bounded before anything is allocated: a dimension must fit in 64 bits, and all example
+inputs made together may take at most :data:`MAX_INPUT_BYTES` (2 GiB; ``--max-input-bytes`` /
+:func:`input_limit` raise it). Over it is a :class:`~normrewrite.errors.UsageError`."""
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +36,19 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 _SHAPE = re.compile(r"^\d+(x\d+)*$")
+MAX_INPUT_BYTES = 2 << 30
+_MAX_DIM = 2**63 - 1
+_limit: ContextVar[int] = ContextVar("max_input_bytes", default=MAX_INPUT_BYTES)
+
+
+@contextlib.contextmanager
+def input_limit(max_bytes: int) -> Iterator[None]:
+    """Within the block, example inputs may take up to ``max_bytes`` in total."""
+    token = _limit.set(max_bytes)
+    try:
+        yield
+    finally:
+        _limit.reset(token)
 
 
 @dataclass(frozen=True)
@@ -53,6 +72,8 @@ class InputSpec:
         shape = tuple(int(d) for d in shape_s.split("x"))
         if any(d == 0 for d in shape):
             raise UsageError(f"bad input spec {text!r}: dimensions must be positive")
+        if any(d > _MAX_DIM for d in shape):
+            raise UsageError(f"bad input spec {text!r}: a dimension larger than 2**63-1")
         dtype = torch.float32
         if dtype_s:
             try:
@@ -63,6 +84,15 @@ class InputSpec:
                     f"(use one of {', '.join(sorted(set(DTYPES)))})"
                 ) from None
         return cls(shape, dtype)
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * (
+            1 if self.dtype is torch.bool else torch.empty((), dtype=self.dtype).element_size()
+        )
 
     @classmethod
     def of(cls, t: torch.Tensor) -> InputSpec:
@@ -78,7 +108,20 @@ class InputSpec:
         return torch.randint(0, high, self.shape, generator=generator, dtype=self.dtype).to(device)
 
 
+def check_input_size(specs: Sequence[InputSpec], max_bytes: int | None = None) -> None:
+    """Refuse example inputs over the limit (``max_bytes``, else the current :func:`input_limit`)."""
+    limit = _limit.get() if max_bytes is None else max_bytes
+    total = sum(s.nbytes for s in specs)
+    if total > limit:
+        shapes = ", ".join(map(str, specs))
+        raise UsageError(
+            f"example inputs {shapes} take {total} bytes, over the limit of {limit} "
+            "(--max-input-bytes raises it)"
+        )
+
+
 def make_inputs(specs: Sequence[InputSpec], seed: int = 0) -> tuple[torch.Tensor, ...]:
+    check_input_size(specs)
     g = torch.Generator().manual_seed(seed)
     return tuple(s.make(g) for s in specs)
 

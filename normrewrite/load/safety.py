@@ -1,14 +1,12 @@
-"""Checks that make loading untrusted model files safe: nothing is unpickled, nothing outside the
-model's directory is read, no declared size is trusted before it is checked.
+"""Generic checks that make loading untrusted model files safe: nothing outside the model's
+directory is read, no declared size is trusted before it is checked. (The ``.pt2`` vetting lives
+with the ``.pt2`` loader in :mod:`normrewrite.load.pt2`.)
 
-* :func:`check_pt2` — ``torch.export.load`` (torch 2.13) unpickles with ``weights_only=False`` in
-  several places: payloads flagged ``use_pickle`` (tensor subclasses), ``custom_obj_*``
-  (torchbind) and ``opaque_obj_*`` (plain ``pickle.loads``) constants, legacy ``.pt`` weight and
-  constant files, and — through ``deserialize_torch_artifact``'s fallback — any ``.pt`` artifact
-  (the stored sample inputs) that fails to load with ``weights_only=True``. A crafted archive
-  therefore runs code on load. This check reads the archive first and refuses all of these unless
-  the caller trusts pickles; the remaining artifacts are proven loadable with
-  ``weights_only=True``, so torch never reaches its fallback.
+* :func:`check_expression`, :func:`check_guard`, :func:`check_target` — the strings of a
+  serialized ``torch.export`` program that torch evaluates as code (sympy expressions through
+  ``eval``, guards through ``exec``, node targets through attribute lookup) must match a strict
+  grammar, checked on Python's syntax tree (:mod:`ast`) and never evaluated.
+
 * :func:`check_external_data` — an ONNX model's external-data ``location`` must name a regular
   file inside the model's directory: no absolute paths, no ``..``, no symbolic links on the way,
   and ``offset + length`` within the file.
@@ -16,104 +14,227 @@ model's directory is read, no declared size is trusted before it is checked.
 
 from __future__ import annotations
 
-import io
-import json
+import ast
 import os
-import zipfile
+import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from normrewrite.errors import LoadError
 
-# --------------------------------------------------------------------------- .pt2
+# --------------------------------------------------------------------------- shape expressions
 
-_MAX_RATIO = 200  # a compressed entry expanding more than this is treated as a zip bomb
-_MAX_JSON = 256 * 1024 * 1024
+MAX_EXPR = 10_000  # characters in one expression
+
+# What torch's serializer writes (``sympy.srepr`` of shape expressions, or their ``str``): the
+# sympy classes srepr names and the functions the deserializer puts in sympify's namespace.
+_FUNCTIONS = frozenset(
+    {
+        # torch.utils._sympy.functions, as listed in torch/_export/serde/serialize.py
+        "FloorDiv",
+        "ModularIndexing",
+        "Where",
+        "PythonMod",
+        "Mod",
+        "CleanDiv",
+        "CeilToInt",
+        "FloorToInt",
+        "CeilDiv",
+        "LShift",
+        "RShift",
+        "PowByNatural",
+        "FloatPow",
+        "FloatTrueDiv",
+        "IntTrueDiv",
+        "IsNonOverlappingAndDenseIndicator",
+        "TruncToFloat",
+        "TruncToInt",
+        "RoundToInt",
+        "RoundDecimal",
+        "ToFloat",
+        "Identity",
+        # sympy classes in srepr output
+        "Symbol",
+        "Integer",
+        "Rational",
+        "Float",
+        "Add",
+        "Mul",
+        "Pow",
+        "Max",
+        "Min",
+        "Abs",
+        "StrictLessThan",
+        "StrictGreaterThan",
+        "LessThan",
+        "GreaterThan",
+        "Equality",
+        "Unequality",
+        "Eq",
+        "Ne",
+        "Lt",
+        "Le",
+        "Gt",
+        "Ge",
+        "And",
+        "Or",
+        "Not",
+    }
+)
+_CONSTANTS = frozenset({"oo", "zoo", "nan", "true", "false", "int_oo"})
+_ASSUMPTIONS = frozenset(
+    {
+        "integer",
+        "positive",
+        "negative",
+        "nonnegative",
+        "nonpositive",
+        "nonzero",
+        "zero",
+        "real",
+        "finite",
+        "infinite",
+        "rational",
+        "irrational",
+        "even",
+        "odd",
+        "extended_real",
+        "commutative",
+        "complex",
+        "prime",
+        "composite",
+        "extended_positive",
+        "extended_negative",
+        "extended_nonnegative",
+        "extended_nonpositive",
+        "extended_nonzero",
+    }
+)
+SYMBOL = re.compile(r"^[a-z]{1,4}_?\d{1,9}$")  # s0, u3, zuf0, ps1
+_NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
+_BINOPS = (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod)
+_CMPOPS = (ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.Eq, ast.NotEq)
+_TARGET = re.compile(
+    r"^(torch\.ops\.[A-Za-z_]\w*\.[A-Za-z_]\w*(\.[A-Za-z_]\w*)?"
+    r"|_operator\.(add|sub|mul|truediv|floordiv|mod|pow|neg|pos|abs|getitem|eq|ne|lt|le|gt|ge"
+    r"|and_|or_|xor|not_|invert|lshift|rshift|matmul)"
+    r"|math\.(ceil|floor|trunc|sqrt|exp|log|sin|cos|tan|tanh|isnan|isinf|isfinite)"
+    r"|torch\._?sym_[a-z_]+|torch\._assert\w*|#[A-Za-z_]\w*:[\w.:]+)$"
+)
+_GUARD_NAMES = frozenset({"L", "Max", "Min", "FloorDiv", "Mod", "CeilToInt", "FloorToInt"})
+_GUARD_METHODS = frozenset({"size", "stride", "storage_offset", "dim", "numel"})
+_GUARD_SYNTAX = (
+    ast.Subscript,
+    ast.Compare,
+    ast.BoolOp,
+    ast.UnaryOp,
+    ast.Load,
+    ast.And,
+    ast.Or,
+    ast.Not,
+    ast.USub,
+    ast.UAdd,
+    *_CMPOPS,
+    *_BINOPS,
+)
 
 
-def check_pt2(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> None:
-    """Refuse a ``.pt2`` archive whose loading would unpickle arbitrary objects."""
-    p = Path(path)
+def _parse(text: Any, what: str) -> ast.Expression:
+    if not isinstance(text, str) or not text.strip() or len(text) > MAX_EXPR:
+        raise LoadError(f"{what} {str(text)[:60]!r} is not a shape expression")
     try:
-        zf = zipfile.ZipFile(p)
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise LoadError(f"{p}: not a torch.export program (not a valid .pt2 archive: {e})") from e
-    with zf:
-        infos = zf.infolist()
-        size = max(p.stat().st_size, 1)
-        for info in infos:
-            if info.compress_size and info.file_size / max(info.compress_size, 1) > _MAX_RATIO:
-                raise LoadError(
-                    f"{p}: entry {info.filename} declares {info.file_size} bytes from "
-                    f"{info.compress_size} (a zip bomb?)"
-                )
-            if info.compress_type == zipfile.ZIP_STORED and info.file_size > size:
-                raise LoadError(
-                    f"{p}: entry {info.filename} declares {info.file_size} bytes, more than the file"
-                )
-        names = [i.filename for i in infos]
-        if not any(n.endswith("/archive_format") or n == "archive_format" for n in names):
-            raise LoadError(f"{p}: not a torch.export program (no archive_format entry)")
-        if trust_pickle:
-            return
-        unsafe: list[str] = []
-        for n in names:
-            parts = PurePosixPath(n).parts
-            tail = "/".join(parts[1:])
-            if tail.startswith(("data/weights/", "data/constants/")) and n.endswith(".json"):
-                unsafe += _unsafe_payloads(zf, n)
-            elif tail.startswith(("data/weights/", "data/constants/")) and n.endswith(".pt"):
-                unsafe.append(f"{n} (legacy pickled tensors)")
-            elif PurePosixPath(n).name.startswith(("custom_obj_", "opaque_obj_")):
-                unsafe.append(f"{n} (pickled object)")
-            elif n.endswith(".pt") and not _weights_only_loadable(zf, n):
-                unsafe.append(f"{n} (needs full unpickling)")
-        if unsafe:
-            more = f" and {len(unsafe) - 1} more" if len(unsafe) > 1 else ""
-            raise LoadError(
-                f"{p}: loading it would unpickle arbitrary objects ({unsafe[0]}{more}); "
-                "refusing (pass --trust-pickle if you trust its author)"
+        return ast.parse(text.strip(), mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        raise LoadError(f"{what} {text[:60]!r} is not a shape expression") from None
+
+
+def check_expression(text: Any) -> None:
+    """Refuse (:class:`LoadError`) a symbolic expression outside the grammar torch writes:
+    symbols (``s0``, ``u3``), numbers, ``+ - * // %``, comparisons, and calls of the sympy and
+    torch functions in ``_FUNCTIONS``. Checked on the syntax tree; nothing is evaluated."""
+    tree = _parse(text, "expression")
+    bad = _bad_expr(tree.body)
+    if bad:
+        raise LoadError(f"expression {text[:60]!r} is not a shape expression ({bad})")
+
+
+def _bad_expr(node: ast.AST) -> str | None:
+    if isinstance(node, ast.Constant):
+        ok = isinstance(node.value, int | float) and not isinstance(node.value, complex)
+        return None if ok else f"literal {node.value!r}"
+    if isinstance(node, ast.Name):
+        ok = node.id in _CONSTANTS or SYMBOL.match(node.id)
+        return None if ok else f"name {node.id!r}"
+    if isinstance(node, ast.UnaryOp):
+        return _bad_expr(node.operand) if isinstance(node.op, ast.USub | ast.UAdd) else "operator"
+    if isinstance(node, ast.BinOp):
+        if not isinstance(node.op, _BINOPS):
+            return f"operator {type(node.op).__name__}"
+        return _bad_expr(node.left) or _bad_expr(node.right)
+    if isinstance(node, ast.Compare):
+        if not all(isinstance(op, _CMPOPS) for op in node.ops):
+            return "comparison"
+        return next((b for b in map(_bad_expr, [node.left, *node.comparators]) if b), None)
+    if isinstance(node, ast.Call):
+        return _bad_call(node)
+    return f"{type(node).__name__} syntax"
+
+
+def _bad_call(node: ast.Call) -> str | None:
+    if not isinstance(node.func, ast.Name) or node.func.id not in _FUNCTIONS:
+        return f"call of {ast.unparse(node.func)[:30]!r}"
+    name, args = node.func.id, list(node.args)
+    if name in ("Symbol", "Float"):  # a string argument: a symbol name / a decimal number
+        pattern = SYMBOL if name == "Symbol" else _NUMBER
+        if (
+            len(args) != 1
+            or not isinstance(args[0], ast.Constant)
+            or not isinstance(args[0].value, str)
+            or not pattern.match(args[0].value)
+        ):
+            return f"{name} argument"
+        args = []
+        allowed = _ASSUMPTIONS if name == "Symbol" else frozenset({"precision"})
+        for kw in node.keywords:
+            value = kw.value.value if isinstance(kw.value, ast.Constant) else None
+            if kw.arg not in allowed or type(value) not in (bool, int):
+                return f"{name} keyword {kw.arg!r}"
+    elif node.keywords:
+        return f"keyword in {name}"
+    return next((b for b in map(_bad_expr, args) if b), None)
+
+
+def check_guard(text: Any) -> None:
+    """Refuse a ``guards_code`` entry (Python source torch ``exec``-s) outside the guard grammar:
+    ``L['x'].size()[0] <= 64``-style tests on input sizes, arithmetic, comparisons, ``and``/
+    ``or``/``not`` and the shape functions."""
+    tree = _parse(text, "guard")
+    for node in ast.walk(tree.body):
+        bad = None
+        if isinstance(node, ast.Name):
+            bad = None if node.id in _GUARD_NAMES else f"name {node.id!r}"
+        elif isinstance(node, ast.Attribute):
+            bad = None if node.attr in _GUARD_METHODS else f"attribute {node.attr!r}"
+        elif isinstance(node, ast.Call):
+            func = node.func
+            ok = (isinstance(func, ast.Attribute) and func.attr in _GUARD_METHODS) or (
+                isinstance(func, ast.Name) and func.id in _GUARD_NAMES - {"L"}
             )
+            bad = None if ok and not node.keywords else "call"
+        elif isinstance(node, ast.Constant):
+            bad = None if isinstance(node.value, int | float | str) else "literal"
+        elif isinstance(node, ast.BinOp):
+            bad = None if isinstance(node.op, _BINOPS) else "operator"
+        elif not isinstance(node, _GUARD_SYNTAX):
+            bad = f"{type(node).__name__} syntax"
+        if bad:
+            raise LoadError(f"guard {text[:60]!r} is not a shape guard ({bad})")
 
 
-def _unsafe_payloads(zf: zipfile.ZipFile, name: str) -> list[str]:
-    info = zf.getinfo(name)
-    if info.file_size > _MAX_JSON:
-        return [f"{name} (oversized config)"]
-    try:
-        config = json.loads(zf.read(name))
-    except (ValueError, UnicodeDecodeError, zipfile.BadZipFile, OSError):
-        return []  # not a payload config torch would trust either; torch.export.load reports it
-    entries = config.get("config") if isinstance(config, dict) else None
-    if not isinstance(entries, dict):
-        return []
-    out = []
-    for fqn, meta in entries.items():
-        if not isinstance(meta, dict):
-            continue
-        path_name = str(meta.get("path_name", ""))
-        if meta.get("use_pickle") or path_name.startswith(("custom_obj_", "opaque_obj_")):
-            out.append(f"{fqn} in {name}")
-    return out
-
-
-def _weights_only_loadable(zf: zipfile.ZipFile, name: str) -> bool:
-    import pickle
-
-    import torch
-
-    try:
-        data = zf.read(name)
-    except (zipfile.BadZipFile, OSError, RuntimeError, ValueError):
-        return True  # unreadable: torch.export.load fails on it with an error, no unpickling
-    try:
-        torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError:
-        return False
-    except Exception:
-        # A corrupt artifact: torch's own fallback would retry it with weights_only=False.
-        return False
-    return True
+def check_target(value: Any) -> None:
+    """Refuse a graph node target that is not an operator (``torch.ops.*``, arithmetic)."""
+    if not isinstance(value, str) or not _TARGET.match(value):
+        raise LoadError(f"node target {str(value)[:60]!r} is not an operator")
 
 
 # --------------------------------------------------------------------------- ONNX external data
@@ -240,4 +361,11 @@ def check_external_data(model_path: str | os.PathLike[str]) -> list[Path]:
     return list(files)
 
 
-__all__ = ["check_external_data", "check_location", "check_pt2"]
+__all__ = [
+    "SYMBOL",
+    "check_expression",
+    "check_external_data",
+    "check_guard",
+    "check_location",
+    "check_target",
+]
