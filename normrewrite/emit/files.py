@@ -262,11 +262,18 @@ def reset_committed() -> None:
 class _Transaction:
     def __init__(self) -> None:
         self.staged: list[tuple[Path, Path]] = []  # (temporary, destination)
+        self.scratch: list[Path] = []  # directories staged files were written in
 
     def discard(self) -> None:
         for tmp, _ in self.staged:
             _remove(tmp)
         self.staged.clear()
+        self._clean()
+
+    def _clean(self) -> None:
+        for d in self.scratch:
+            shutil.rmtree(d, ignore_errors=True)
+        self.scratch.clear()
 
     def apply(self) -> None:
         """Rename every staged output into place (an existing one is moved aside first and
@@ -295,6 +302,7 @@ class _Transaction:
                     _remove(old)
             _COMMITTED.extend(dest for _, dest in self.staged)
             self.staged.clear()
+            self._clean()
 
 
 @contextlib.contextmanager
@@ -360,13 +368,21 @@ def transaction(dests: Sequence[Path] = ()) -> Iterator[None]:
 
 
 def _publish(tmp: Path, dest: Path) -> None:
-    _honour_umask(tmp)
-    if _ACTIVE:
-        _ACTIVE[-1].staged.append((tmp, dest))
-        return
-    t = _Transaction()
-    t.staged.append((tmp, dest))
-    t.apply()
+    publish_together([(tmp, dest)])
+
+
+def publish_together(pairs: Sequence[tuple[Path, Path]], scratch: Path | None = None) -> None:
+    """Rename each written ``(temporary, destination)`` into place, all in one commit (staged in
+    the current :func:`transaction` if one is open); ``scratch``, the directory they were written
+    in, is removed afterwards. An ONNX model and its external data go through here."""
+    t = _ACTIVE[-1] if _ACTIVE else _Transaction()
+    for tmp, _ in pairs:
+        _honour_umask(tmp)
+    t.staged.extend(pairs)
+    if scratch is not None:
+        t.scratch.append(scratch)
+    if not _ACTIVE:
+        t.apply()
 
 
 @contextlib.contextmanager

@@ -9,7 +9,6 @@ external-data locations are checked as an input's would be (:mod:`normrewrite.lo
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from normrewrite.emit.files import publish_together
 from normrewrite.errors import EmitError, first_line
 from normrewrite.verify.onnxruntime import session
 
@@ -41,15 +41,17 @@ ORT_ONLY_OPS = frozenset(
 @contextlib.contextmanager
 def atomic_pair(dest: Path) -> Iterator[Path]:
     """A temporary path for ``dest`` in a directory beside it; the model and its external data
-    are moved into place (data first) only when the block succeeds."""
+    are committed together (data first) only when the block succeeds, as one step of the run's
+    output transaction (:func:`normrewrite.emit.files.publish_together`)."""
     parent = dest.parent if str(dest.parent) else Path(".")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=parent))
     try:
         yield tmp / dest.name
-        for f in sorted(tmp.iterdir(), key=lambda f: f.name == dest.name):
-            os.replace(f, parent / f.name)
-    finally:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    files = sorted(tmp.iterdir(), key=lambda f: f.name == dest.name)  # data first, model last
+    publish_together([(f, parent / f.name) for f in files], scratch=tmp)
 
 
 def initializer_bytes(model: ir.Model) -> int:
