@@ -14,7 +14,7 @@ Layers: :mod:`~normrewrite.load` → :mod:`~normrewrite.trace` → passes
 __version__ = "0.1.0"
 
 from normrewrite.analysis.scale_invariance import param_groups, scale_invariant_params
-from normrewrite.api import ConvertResult, InspectResult, convert, inspect, prepare
+from normrewrite.api import ConvertOptions, ConvertResult, InspectResult, convert, inspect, prepare
 from normrewrite.core.pass_infra import Change, Pass, PassContext, PassManager, PassResult, Skip
 from normrewrite.errors import (
     EmitError,
@@ -30,6 +30,7 @@ from normrewrite.passes import REGISTRY
 __all__ = [
     "REGISTRY",
     "Change",
+    "ConvertOptions",
     "ConvertResult",
     "EmitError",
     "InspectResult",

@@ -130,8 +130,9 @@ _native_opt = click.option(
 @_max_input_opt
 @_tracer_opt
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="write the report as JSON")
-@click.option("--rtol", type=float, default=1e-4, show_default=True,
-              help="tolerated relative error (max |Δ| / max |y|) for exact rewrites")
+@click.option("--rtol", type=float, default=None,
+              help="tolerated relative error (max |Δ| / max |y|) for exact rewrites "
+                   "[default: 1e-4; 1e-5 for ONNX inputs]")
 @click.option("--no-verify", is_flag=True, help="skip the numeric check of the rewritten model")
 @click.option("--verify-each", is_flag=True, help="check outputs after every exact pass that changed the graph")
 @click.option("--print-after-change", is_flag=True, help="print the graph after every pass that changed it")
@@ -167,7 +168,7 @@ _native_opt = click.option(
 @_debug_opt
 def convert(
     model: str, outputs: tuple[str, ...], pass_specs: tuple[str, ...], inputs: tuple[str, ...],
-    tracer: str, report_path: str | None, rtol: float, no_verify: bool, verify_each: bool,
+    tracer: str, report_path: str | None, rtol: float | None, no_verify: bool, verify_each: bool,
     print_after_change: bool, opset: int | None, force: bool, keep_training_mode: bool, seed: int,
     quiet: bool, meta: bool, max_shard_size: int, trust_remote_code: bool, trust_pickle: bool,
     debug: bool, compile_: str | None = None, device: str = "cpu", onnx_target: str = "standard",
