@@ -8,11 +8,11 @@ from normrewrite.core.pass_infra import PassRegistry
 from .apply_weight_norm import ApplyWeightNorm
 from .fix_export import FixExport
 from .fold_bn import FoldBatchNorm
+from .fold_bn.onnx import OnnxFoldBatchNorm
 from .fold_norm_affine import FoldNormAffine
 from .fuse_norm import FuseNorm
+from .fuse_norm.onnx import OnnxFuseNorm
 from .ln_to_rmsnorm import LnToRmsNorm
-from .onnx_fold_bn import OnnxFoldBatchNorm
-from .onnx_fuse_norm import OnnxFuseNorm
 from .post_to_pre import PostToPre, PreToPost
 from .recalibrate_bn import RecalibrateBatchNorm
 from .remove_weight_norm import RemoveWeightNorm
@@ -34,8 +34,9 @@ REGISTRY = PassRegistry(
     ]
 )
 
-# ONNX forms, keyed by the same names: `-p fold-bn` on an .onnx input runs OnnxFoldBatchNorm
-ONNX_REGISTRY = PassRegistry([OnnxFoldBatchNorm, OnnxFuseNorm])
+# A rewrite is registered once, with its forms: the ONNX form of a pass (its ``onnx_form``, in the
+# same home) answers to the same name, so `-p fold-bn` on an .onnx input runs OnnxFoldBatchNorm.
+ONNX_REGISTRY = PassRegistry([p.onnx_form for p in REGISTRY if p.onnx_form is not None])
 
 __all__ = [
     "ONNX_REGISTRY",

@@ -177,6 +177,8 @@ class NamedPass:
     summary: ClassVar[str]
     exact: ClassVar[bool] = True
     Options: ClassVar[type] = NoOptions
+    # the same rewrite for ONNX models, registered under the same name (see normrewrite.passes)
+    onnx_form: ClassVar[type[NamedPass] | None] = None
 
     def __init__(self, options: Any | None = None, **kwargs: Any) -> None:
         if options is not None and kwargs:

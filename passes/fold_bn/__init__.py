@@ -34,13 +34,10 @@ models fold without overflow (an fp16 ``running_var`` above 65504 would be ``inf
 
 Layout: :mod:`.math` (pure tensor math), :mod:`.conditions` (the preconditions as functions of
 plain values, for every graph form), :mod:`.fx` (the torch.fx matcher and surgery); the ONNX form
-is :mod:`normrewrite.passes.onnx_fold_bn`.
+is :mod:`normrewrite.passes.fold_bn.onnx`.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Literal
 
 from torch.fx import GraphModule, Node
 
@@ -51,12 +48,8 @@ from normrewrite.core.rewrite import Rewrite, RewritePass
 from . import fx
 from .fx import FoldMatch
 from .math import Side, bn_affine, fold_input, fold_output
-
-
-@dataclass(frozen=True)
-class FoldBatchNormOptions:
-    shared: Literal["skip", "clone"] = "skip"
-    """What to do when the layer's weights are shared: skip the fold, or fold into a copy."""
+from .onnx import OnnxFoldBatchNorm
+from .options import FoldBatchNormOptions
 
 
 class _Fold(Rewrite[FoldMatch]):
@@ -82,6 +75,7 @@ class FoldBatchNorm(RewritePass):
     summary = "fold eval-mode BatchNorm into the adjacent conv/linear weights (exact)"
     exact = True
     Options = FoldBatchNormOptions
+    onnx_form = OnnxFoldBatchNorm
 
     def rewriter(self, gm: GraphModule, ctx: PassContext) -> _Fold:
         return _Fold(gm, ctx, self.options.shared)

@@ -31,7 +31,7 @@ Preconditions, each checked (a near miss is reported with the reason):
 
 Layout: :mod:`.semantics` (what each fx op means), :mod:`.conditions` (ε, axes and γ/β checks on
 plain values), :mod:`.fx` (the matcher and the rewrite); the ONNX form is
-:mod:`normrewrite.passes.onnx_fuse_norm`.
+:mod:`normrewrite.passes.fuse_norm.onnx`.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from normrewrite.core.rewrite import Rewrite, RewritePass
 from . import fx
 from .conditions import NormKind
 from .fx import NormPattern
+from .onnx import OnnxFuseNorm
 from .semantics import op_name
 
 
@@ -63,6 +64,7 @@ class FuseNorm(RewritePass):
     name = "fuse-norm"
     summary = "replace RMSNorm/LayerNorm written out as elementwise ops by one fused op (exact)"
     exact = True
+    onnx_form = OnnxFuseNorm
 
     def rewriter(self, gm: GraphModule, ctx: PassContext) -> _Fuse:
         return _Fuse(gm, ctx)

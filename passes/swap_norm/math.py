@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from normrewrite.passes.fold_bn.math import bn_affine
+from torch import Tensor
 
 
 def frozen_affine(

@@ -1,4 +1,4 @@
-"""fold-bn on ONNX models (passes/onnx_fold_bn.py): structure, parity in onnxruntime (graph
+"""fold-bn on ONNX models (passes/fold_bn/onnx.py): structure, parity in onnxruntime (graph
 optimizations off) against the input model and an fp64 torch run, the must-not-fold cases, idempotence,
 and the CLI path ``convert in.onnx -p fold-bn -o out.onnx``."""
 
@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 from models import randomize_norms
 from normrewrite.passes import ONNX_REGISTRY
-from normrewrite.passes.onnx_fold_bn import OnnxFoldBatchNorm
+from normrewrite.passes.fold_bn.onnx import OnnxFoldBatchNorm
 from torch import nn
 
 from normrewrite.cli import main
@@ -198,7 +198,7 @@ class Fanout(nn.Module):
     ("build", "reason"),
     [
         (TwoSites, "shared by 2 readers"),
-        (Fanout, "other consumers"),
+        (Fanout, "has 2 users: folding would change the others"),
         (
             lambda: nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1)),
             "zero-padded Conv",
@@ -226,7 +226,7 @@ def test_training_mode_bn_is_not_folded() -> None:
     bn = next(n for n in model.graph if n.op_type == "BatchNormalization")
     bn.attributes["training_mode"] = ir.AttrInt64("training_mode", 1)
     result = fold(model)
-    assert not result.modified and "training_mode=1" in result.skipped[0].reason
+    assert not result.modified and "training mode" in result.skipped[0].reason
 
 
 def test_registered_under_the_torch_name() -> None:
@@ -285,3 +285,18 @@ def test_truncated_file_fails_in_one_line(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["convert", str(bad), "-o", str(tmp_path / "o.onnx")])
     assert res.exit_code == 1 and "truncated or corrupt" in res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("stat", ["negative var", "nan mean"])
+def test_invalid_statistics_are_refused_like_the_torch_form(stat: str) -> None:
+    """The ONNX form calls the same form-neutral condition as the fx matcher (fold_bn/conditions.py)."""
+    module = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        if stat == "negative var":
+            module[1].running_var[1] = -0.5
+        else:
+            module[1].running_mean[2] = float("nan")
+    model = to_onnx(module, torch.randn(1, 3, 4, 4))
+    result = fold(model)
+    assert not result.modified
+    assert "not a valid BatchNorm" in result.skipped[0].reason

@@ -1,4 +1,4 @@
-"""fuse-norm on ONNX models (passes/onnx_fuse_norm.py): decomposed LayerNorm / RMSNorm chains from
+"""fuse-norm on ONNX models (passes/fuse_norm/onnx.py): decomposed LayerNorm / RMSNorm chains from
 the TorchScript exporter (``dynamo=False``) become one fused node per norm, for each target; the
 positive-axis spelling of torch's own rms_norm decomposition; what must not fuse; fp16 chains that
 cannot be fused reduce in fp32; parity in onnxruntime (optimizations off) and against fp64."""
@@ -15,7 +15,7 @@ import onnx_ir as ir
 import pytest
 import torch
 from models import randomize_norms
-from normrewrite.passes.onnx_fuse_norm import OnnxFuseNorm
+from normrewrite.passes.fuse_norm.onnx import OnnxFuseNorm
 from torch import nn
 
 from normrewrite.analysis.onnx_norms import decomposed_norm_dtypes

@@ -40,7 +40,18 @@ from normrewrite.core.onnx_pass import OnnxPass, OnnxPassResult
 from normrewrite.core.pass_infra import Change, Skip
 from normrewrite.errors import UsageError
 
-from .fold_bn import FoldBatchNormOptions, bn_affine, fold_input, fold_output
+from .conditions import (
+    bad_statistics,
+    input_features_not_channels,
+    layer_output_shared,
+    output_features_not_channels,
+    statistics_not_stored,
+    transposed_after,
+    uses_batch_statistics,
+    zero_padded_after,
+)
+from .math import bn_affine, fold_input, fold_output
+from .options import FoldBatchNormOptions
 
 
 @dataclass(frozen=True)
@@ -60,8 +71,8 @@ def _attr(node: ir.Node, name: str, default: object) -> object:
     return default if a is None else a.value
 
 
-def _rank(v: ir.Value) -> int | None:
-    return None if v.shape is None else len(v.shape)
+def _shape(v: ir.Value) -> tuple[int | str, ...] | None:
+    return None if v.shape is None else tuple(d if isinstance(d, int) else str(d) for d in v.shape)
 
 
 def _single_consumer(graph: ir.Graph, v: ir.Value) -> ir.Node | None:
@@ -73,12 +84,19 @@ def _single_consumer(graph: ir.Graph, v: ir.Value) -> ir.Node | None:
 
 def match(graph: ir.Graph, bn: ir.Node) -> OnnxFoldMatch | str:
     """The fold to make for BatchNormalization ``bn``, or why there is none."""
-    if _attr(bn, "training_mode", 0):
-        return "training_mode=1: it normalizes with batch statistics"
-    if any(o.uses() or is_graph_output(graph, o) for o in bn.outputs[1:]):
-        return "its running-mean/var outputs are used"
-    if any(const_array(v) is None for v in bn.inputs[1:5]):
-        return "γ, β or the running statistics are not constants"
+    training = bool(_attr(bn, "training_mode", 0)) or any(
+        o.uses() or is_graph_output(graph, o) for o in bn.outputs[1:]
+    )
+    why = uses_batch_statistics(tracks_running_stats=True, training=training) or statistics_not_stored(
+        statistics=all(const_array(v) is not None for v in bn.inputs[3:5]),
+        affine=all(const_array(v) is not None for v in bn.inputs[1:3]),
+    )
+    if why:
+        return why
+    gamma, beta, mean, var = (torch.from_numpy(const_array(v).astype("float64")) for v in bn.inputs[1:5])
+    why = bad_statistics(mean, var, gamma, beta)
+    if why:
+        return why
     x = bn.inputs[0]
     reasons = []
     layer = x.producer() if x is not None else None
@@ -137,14 +155,13 @@ def _output_side(graph: ir.Graph, bn: ir.Node, layer: ir.Node) -> OnnxFoldMatch 
         if _single_consumer(graph, mm.outputs[0]) is not add:
             return f"the MatMul {mm.name} output has other consumers than its bias Add"
     out = (add or layer).outputs[0]
-    if _single_consumer(graph, out) is not bn:
-        return f"the output of {op} {layer.name} has other consumers than this BN"
+    why = layer_output_shared(f"{op} {layer.name}", len(out.uses()) + is_graph_output(graph, out))
+    if why:
+        return why
     if op in ("Gemm", "MatMul"):
-        if _rank(out) != 2:
-            return (
-                f"{op} {layer.name} output has rank {_rank(out)}: the BN normalizes dim 1, "
-                "not the output features (only rank-2 outputs fold)"
-            )
+        why = output_features_not_channels(f"{op} {layer.name}", _shape(out))
+        if why:
+            return why
         if op == "MatMul" and const_array(layer.inputs[1]) is None:
             return f"the MatMul {layer.name} right operand is not a constant"
     if op == "Gemm" and float(_attr(layer, "beta", 1.0)) == 0.0 and len(layer.inputs) > 2:
@@ -176,18 +193,18 @@ def _input_side(graph: ir.Graph, bn: ir.Node, layer: ir.Node) -> OnnxFoldMatch |
     ):
         return None
     if op == "ConvTranspose":
-        return f"BN before ConvTranspose {layer.name}: the shift does not fold exactly"
+        return transposed_after(f"ConvTranspose {layer.name}")
     if op == "Conv":
         pads = _attr(layer, "pads", None)
         auto = _attr(layer, "auto_pad", "NOTSET")
-        if (pads is not None and any(pads)) or auto in ("SAME_UPPER", "SAME_LOWER"):
-            return (
-                f"BN before zero-padded Conv {layer.name}: not exact (the padding would be 0 "
-                "instead of the BN shift)"
-            )
+        zero = (pads is not None and any(pads)) or auto in ("SAME_UPPER", "SAME_LOWER")
+        why = zero_padded_after(f"Conv {layer.name}", zero_padding=zero)
+        if why:
+            return why
     else:
-        if _rank(bn.outputs[0]) != 2:
-            return f"BN output of rank {_rank(bn.outputs[0])} feeds {op} {layer.name}: its channels are not the input features"
+        why = input_features_not_channels(f"{op} {layer.name}", _shape(bn.outputs[0]))
+        if why:
+            return why
         if op == "Gemm" and _attr(layer, "transA", 0):
             return f"Gemm {layer.name} has transA=1"
         if op == "MatMul" and const_array(layer.inputs[1]) is None:
