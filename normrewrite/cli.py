@@ -183,7 +183,8 @@ def convert(
 
         if meta:
             _stream(model, passes, outputs, force=force, max_shard_size=max_shard_size,
-                    trust_remote_code=trust_remote_code, err=err, out=out, onnx_options=onnx_options)
+                    trust_remote_code=trust_remote_code, err=err, out=out, onnx_options=onnx_options,
+                    report_path=report_path)
             return
 
         def after(p: Any, r: Any) -> None:
@@ -212,29 +213,41 @@ def convert(
 
 def _stream(model: str, passes: list[str], outputs: tuple[str, ...], *, force: bool,
             max_shard_size: int, trust_remote_code: bool, err: Console, out: Console,
-            onnx_options: Any = None) -> None:
+            onnx_options: Any = None, report_path: str | None = None) -> None:
+    from normrewrite.cli_progress import ProgressBar
     from normrewrite.errors import UsageError
+    from normrewrite.passes import REGISTRY
     from normrewrite.stream import convert_checkpoint, convert_checkpoint_onnx
 
     if len(outputs) != 1 or Path(outputs[0]).suffix == ".pt2":
         raise UsageError("--meta writes sharded safetensors (-o OUT_DIR/) or ONNX with external data "
                          "(-o OUT.onnx): give one of them")
-    if Path(outputs[0]).suffix == ".onnx":
-        r = convert_checkpoint_onnx(model, passes, outputs[0], options=onnx_options, force=force,
-                                    trust_remote_code=trust_remote_code, progress=not err.quiet, console=err)
-        for name, changes in r.changes.items():
-            out.print(f"[bold]{name}[/]: {len(changes)} changes")
-        for note in r.notes:
-            out.print(f"  {note}", markup=False)
-        out.print(f"wrote {r.path} (opset {r.opset}, {r.nodes} nodes) and {r.data_path.name} "
-                  f"({r.bytes_written / 1e9:.2f} GB) in {r.seconds['total']:.1f} s")
-        return
-    res = convert_checkpoint(model, passes, outputs[0], force=force, max_shard_size=max_shard_size,
-                             trust_remote_code=trust_remote_code, progress=not err.quiet, console=err)
-    for name, changes in res.changes.items():
-        out.print(f"[bold]{name}[/]: {len(changes)} changes")
-    out.print(f"wrote {res.tensors} tensors ({res.bytes_written / 1e9:.2f} GB) in {len(res.shards)} "
-              f"shards to {res.out_dir} in {res.seconds['total']:.1f} s")
+    pipeline = [REGISTRY.create(p) for p in passes]
+    to_onnx = Path(outputs[0]).suffix == ".onnx"
+    with ProgressBar(not err.quiet, err) as bar:
+        if to_onnx:
+            r = convert_checkpoint_onnx(model, pipeline, outputs[0], options=onnx_options, force=force,
+                                        trust_remote_code=trust_remote_code, progress=bar)
+            done = (f"wrote {r.path} (opset {r.opset}, {r.nodes} nodes) and {r.data_path.name} "
+                    f"({r.bytes_written / 1e9:.2f} GB) in {r.seconds['total']:.1f} s")
+            report, notes = r.report, r.notes
+        else:
+            res = convert_checkpoint(model, pipeline, outputs[0], force=force,
+                                     max_shard_size=max_shard_size,
+                                     trust_remote_code=trust_remote_code, progress=bar)
+            done = (f"wrote {res.tensors} tensors ({res.bytes_written / 1e9:.2f} GB) in "
+                    f"{len(res.shards)} shards to {res.out_dir} in {res.seconds['total']:.1f} s")
+            report, notes = res.report, []
+    for p in report.passes:
+        out.print(f"[bold]{p.spec}[/]: {len(p.changes)} changes")
+    for note in notes:
+        out.print(f"  {note}", markup=False)
+    out.print(done)
+    if report_path:
+        from normrewrite.emit.files import atomic_file
+
+        with atomic_file(Path(report_path)) as tmp:
+            tmp.write_text(json.dumps(report.to_json(), indent=2, default=str))
 
 
 @main.command()

@@ -21,6 +21,9 @@ from normrewrite.core.graph import get_tensor
 from normrewrite.core.ops import linear_info, set_bias
 from normrewrite.core.pass_infra import Change, Pass, PassContext, PassResult, compute_tensors
 from normrewrite.errors import LoadError, PassError
+from normrewrite.load.checkpoint import KeyMap, key_mapping
+from normrewrite.passes import REGISTRY
+from normrewrite.stream.plan import RecipeOutput
 
 transformers = pytest.importorskip("transformers")
 
@@ -161,8 +164,8 @@ def test_key_prefix_mapping(tmp_path: Path) -> None:
     state = {k.removeprefix("model."): v.contiguous() for k, v in model.state_dict().items()}
     ckpt = tmp_path / "weights.safetensors"
     save_file(state, str(ckpt))
-    km = stream.key_mapping([n for n, _ in model.named_parameters()], state.keys())
-    assert km == stream.KeyMap("model.", "")
+    km = key_mapping([n for n, _ in model.named_parameters()], state.keys())
+    assert km == KeyMap("model.", "")
     assert km.key("model.layers.0.mlp.up_proj.weight") == "layers.0.mlp.up_proj.weight"
     assert km.key("lm_head.weight") == "lm_head.weight"
     ids = torch.randint(0, 100, (1, 16))
@@ -180,9 +183,9 @@ def test_key_prefix_mapping(tmp_path: Path) -> None:
     assert set(got) == set(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
     # and the other way: graph without the prefix, checkpoint with it
-    assert stream.key_mapping(
+    assert key_mapping(
         ["layers.0.w", "norm.weight"], {"model.layers.0.w", "model.norm.weight"}
-    ) == stream.KeyMap("", "model.")
+    ) == KeyMap("", "model.")
 
 
 class _CNN(nn.Module):
@@ -214,7 +217,7 @@ def test_fold_bn_streamed_from_module_and_checkpoint(tmp_path: Path, tracer: str
 
     res = stream.convert_checkpoint(
         copy.deepcopy(model),
-        ["fold-bn"],
+        [REGISTRY.create("fold-bn")],
         tmp_path / "out",
         checkpoint=ckpt,
         example_inputs=(x,),
@@ -248,7 +251,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     (src / "config.json").write_text(json.dumps(cfg))
     f = src / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-100])
-    with pytest.raises(LoadError, match="corrupt safetensors entry"):
+    with pytest.raises(LoadError, match="corrupt safetensors file"):
         stream.convert_checkpoint(src, [], tmp_path / "o2")
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
@@ -300,10 +303,12 @@ def test_fold_norm_affine_and_fuse_norm_streamed(tmp_path: Path, dtype: torch.dt
     model = _llama(causal=True, dtype=dtype, tie=False)
     src = tmp_path / "src"
     model.save_pretrained(src, max_shard_size="30KB")
-    res = stream.convert_checkpoint(src, passes, tmp_path / "out", max_shard_size=40_000)
+    res = stream.convert_checkpoint(
+        src, [REGISTRY.create(p) for p in passes], tmp_path / "out", max_shard_size=40_000
+    )
     assert sum(len(v) for v in res.changes.values()) > 0, res.changes
     if dtype == torch.float32:  # bf16 Llama: γ stays after the down-cast, nothing to fold (exact)
-        assert any(isinstance(ref, stream._Out) for ref, _, _ in res.plan.outputs.values())
+        assert any(isinstance(ref, RecipeOutput) for ref, _, _ in res.plan.outputs.values())
     got = _read_dir(tmp_path / "out")
     ids = torch.randint(0, 100, (1, 16))
     mem = normrewrite.convert(model, passes, example_inputs=(ids,), tracer="export")
@@ -367,11 +372,15 @@ def test_meta_onnx_equals_in_memory_onnx(tmp_path: Path, tie: bool) -> None:
     assert sum(len(v) for v in res.changes.values()) > 0, res.changes
     data = tmp_path / "meta.onnx.data"
     assert out.is_file() and data.is_file() and res.bytes_written == data.stat().st_size > 0
-    assert check_external_data(out) == [data.resolve()] or data.resolve() in check_external_data(out)
+    assert check_external_data(out) == [data.resolve()] or data.resolve() in check_external_data(
+        out
+    )
     onnx.checker.check_model(str(out), full_check=True)
     # the big initializers live in the external file, not in the protobuf
     proto = onnx.load(str(out), load_external_data=False)
-    external = {t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    external = {
+        t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+    }
     assert "model.layers.0.self_attn.q_proj.weight.T" in external  # Transpose(W) folded lazily
     inline = [t for t in proto.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
     assert all(len(t.raw_data) <= 1024 for t in inline)  # only small constants stay inline
@@ -395,9 +404,16 @@ def test_meta_onnx_equals_in_memory_onnx(tmp_path: Path, tie: bool) -> None:
     state = mem.graph_module.state_dict()
     w = onnx.numpy_helper.to_array(loaded["model.layers.0.self_attn.q_proj.weight.T"])
     assert np.array_equal(w, state["model.layers.0.self_attn.q_proj.weight"].numpy().T)
-    assert not np.array_equal(w, model.state_dict()["model.layers.0.self_attn.q_proj.weight"].numpy().T)
+    assert not np.array_equal(
+        w, model.state_dict()["model.layers.0.self_attn.q_proj.weight"].numpy().T
+    )
     assert not any(n.op_type == "Transpose" and n.input[0] in loaded for n in proto.graph.node)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mem.onnx", "meta.onnx", "meta.onnx.data", "src"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "mem.onnx",
+        "meta.onnx",
+        "meta.onnx.data",
+        "src",
+    ]
 
 
 def test_meta_onnx_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
