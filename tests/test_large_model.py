@@ -461,3 +461,83 @@ def test_cli_meta_onnx(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "exists" in r.output
     r = CliRunner().invoke(main, ["convert", str(src), "--meta", "-o", str(tmp_path / "x.pt2")])
     assert r.exit_code != 0 and "--meta" in r.output
+
+
+# --------------------------------------------------------------------------- hostile inputs, report
+
+
+def test_meta_refuses_overlapping_tensors(tmp_path: Path) -> None:
+    """--meta reads through safetensors' own validation: a file whose tensors overlap is refused
+    (it used to be accepted and to write wrong weights)."""
+    from test_load import overlap_tensors
+
+    _llama(causal=False).save_pretrained(tmp_path / "src")
+    overlap_tensors(tmp_path / "src" / "model.safetensors")
+    with pytest.raises(LoadError, match=r"corrupt safetensors file .*invalid offset"):
+        stream.convert_checkpoint(tmp_path / "src", [], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+_MEASURED = """
+import sys
+from normrewrite.cli import main
+try:
+    main(sys.argv[1:], standalone_mode=False)
+except Exception as e:
+    print("ERROR", e)
+finally:
+    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
+    print("HWM", int(hwm) * 1024)
+"""
+
+
+@pytest.mark.parametrize("meta", [False, True], ids=["in-memory", "meta"])
+def test_config_with_100000_layers_fails_fast_and_small(tmp_path: Path, meta: bool) -> None:
+    """config.json says 100000 layers, the checkpoint has 2: refused before the model is built
+    (it used to build 5 GB+ first), naming the first layer the checkpoint lacks."""
+    import subprocess
+    import sys
+    import time
+
+    _llama(causal=False).save_pretrained(tmp_path / "src")
+    cfg = json.loads((tmp_path / "src" / "config.json").read_text())
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 100000}))
+    args = ["convert", str(tmp_path / "src"), "-p", "fuse-norm", "-q"]
+    args += ["--meta", "-o", f"{tmp_path / 'out'}/"] if meta else ["-o", str(tmp_path / "o.pt2")]
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEASURED, *args], capture_output=True, text=True, timeout=300
+    )
+    seconds = time.perf_counter() - start
+    error = [ln for ln in proc.stdout.splitlines() if ln.startswith("ERROR")]
+    hwm = int(proc.stdout.split("HWM")[-1])
+    assert len(error) == 1 and "num_hidden_layers=100000" in error[0], proc.stdout + proc.stderr
+    assert "no layers.2." in error[0]
+    assert seconds < 60 and hwm < 1.5e9, (seconds, hwm)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.parametrize("suffix", ["/", ".onnx"])
+def test_cli_meta_writes_the_report(tmp_path: Path, suffix: str) -> None:
+    """--meta --report FILE: the in-memory report's schema — passes with their changes and
+    skips, outputs; verification not run, with the reason."""
+    from normrewrite.cli import main
+
+    _llama(causal=True, tie=False).save_pretrained(tmp_path / "src")
+    out, report = str(tmp_path / "out") + suffix, tmp_path / "r.json"
+    args = ["convert", str(tmp_path / "src"), "--meta", "-p", "fuse-norm", "-p", "fold-norm-affine"]
+    r = CliRunner().invoke(main, [*args, "-o", out, "--report", str(report), "-q"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(report.read_text())
+    names = [p["name"] for p in rep["passes"]]
+    assert names[:2] == ["fuse-norm", "fold-norm-affine"]
+    fuse = rep["passes"][0]
+    assert fuse["modified"] and len(fuse["changes"]) == 5  # 2 layers x 2 norms + the final norm
+    assert all({"target", "detail"} <= set(c) for c in fuse["changes"])
+    assert "skipped" in fuse and rep["verify"] is None
+    assert any(n.startswith("verification not run") for n in rep["notes"])
+    assert Path(rep["output"]["path"]) == Path(out) and rep["output"]["format"] == (
+        "onnx" if suffix == ".onnx" else "safetensors"
+    )
+    assert rep["source"] == "hf" and rep["input_origin"] == "config" and rep["tracer"] == "export"
+    assert rep["nodes_before"] > 0 and rep["nodes_after"] > 0

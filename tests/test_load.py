@@ -245,12 +245,12 @@ def test_hf_checkpoint_with_overlapping_tensors_is_refused(tmp_path: Path) -> No
     import models
 
     models.bert(layers=1).save_pretrained(tmp_path / "m")
-    _overlap(tmp_path / "m" / "model.safetensors")
+    overlap_tensors(tmp_path / "m" / "model.safetensors")
     with pytest.raises(LoadError, match=r"corrupt safetensors file .*invalid offset"):
         load(tmp_path / "m")
 
 
-def _overlap(path: Path) -> None:
+def overlap_tensors(path: Path) -> None:
     """Rewrite ``path`` so a 1-D tensor's data range is the one of an earlier tensor of the same
     size (same bytes, same file size)."""
     raw = path.read_bytes()
