@@ -93,10 +93,14 @@ def read_config(path: Path, *, trust_remote_code: bool) -> tuple[Any, type, str]
     return config, cls, arch
 
 
-def build_on_meta(path: Path, ckpt: Checkpoint, *, trust_remote_code: bool = False) -> HFModel:
-    """The model of the directory ``path`` on ``meta``, checked against ``ckpt``
-    (:func:`check_against_checkpoint`); the build is bounded by the checkpoint's size."""
+def build_on_meta(
+    path: Path, ckpt: Checkpoint | None = None, *, trust_remote_code: bool = False
+) -> HFModel:
+    """The model of the directory ``path`` on ``meta``, checked against ``ckpt`` (default: the
+    directory's own safetensors, opened once the config is read) with
+    :func:`check_against_checkpoint`; the build is bounded by the checkpoint's size."""
     config, cls, arch = read_config(path, trust_remote_code=trust_remote_code)
+    ckpt = ckpt if ckpt is not None else Checkpoint(path)
     limit = BUDGET_FACTOR * len(ckpt) + BUDGET_SLACK
     try:
         with _registration_budget(limit), torch.device("meta"):
@@ -268,7 +272,7 @@ def load_hf(
                 "(re-save with save_pretrained(safe_serialization=True))"
             )
         raise LoadError(f"{path}: no model.safetensors weights")
-    meta = build_on_meta(path, Checkpoint(path), trust_remote_code=trust_remote_code)
+    meta = build_on_meta(path, trust_remote_code=trust_remote_code)
     config, arch = meta.config, meta.arch
     try:
         model = meta.cls.from_pretrained(
