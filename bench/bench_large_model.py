@@ -125,22 +125,20 @@ def generate(dest: Path, args: argparse.Namespace) -> dict:
 
 def verify_sample(src: Path, out: Path, passes: list[str], n: int, seed: int = 0) -> dict:
     """Recompute ``n`` output tensors eagerly from the input and compare bitwise."""
-    from normrewrite.passes import REGISTRY
     from safetensors import safe_open
 
-    from normrewrite import stream
-    from normrewrite.core.pass_infra import PassContext, PassManager
-    from normrewrite.trace import trace
+    from normrewrite.passes import REGISTRY
+    from normrewrite.stream.meta import load_meta, rewrite_on_meta
+    from normrewrite.stream.plan import RecipeOutput, Source, make_plan
+    from normrewrite.stream.progress import NoProgress
 
-    ckpt = stream.Checkpoint(src)
-    module, inputs, _ = stream.build_meta_hf(src)
-    keymap = stream.key_mapping([n for n, _ in stream._named_tensors(module)], ckpt.keys())
-    stream._retype(module, ckpt, keymap)
-    gm = trace(module, inputs, "export").graph_module
-    before = stream._snapshot(gm)
-    ctx = PassContext(example_inputs=inputs)
-    result = PassManager([REGISTRY.create(p) for p in passes])(gm, ctx)
-    plan = stream.make_plan(before, result.graph_module, ctx.recipes, ckpt.keys(), keymap=keymap)
+    meta = load_meta(src, None, None, "auto", False)
+    pipeline = [REGISTRY.create(p) for p in passes]
+    rw = rewrite_on_meta(meta.module, meta.inputs, meta.tracer, pipeline, NoProgress(), {}, 0.0)
+    ckpt = meta.ckpt
+    plan = make_plan(
+        rw.before, rw.result.graph_module, rw.ctx.recipes, ckpt.keys(), keymap=meta.keymap
+    )
 
     in_index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
     out_index_file = out / "model.safetensors.index.json"
@@ -157,19 +155,19 @@ def verify_sample(src: Path, out: Path, passes: list[str], n: int, seed: int = 0
     memo: dict = {}
 
     def value(ref) -> torch.Tensor:
-        if isinstance(ref, stream._Src):
+        if isinstance(ref, Source):
             return read(src, in_index, plan.source_keys[ref.name])
         if ref not in memo:
             recipe, ins = plan.recipes[ref.recipe]
             vals = recipe.fn(*(value(r) for r in ins))
             vals = (vals,) if isinstance(vals, torch.Tensor) else vals
             for j, v in enumerate(vals):
-                memo[type(ref)(ref.recipe, j)] = v
+                memo[RecipeOutput(ref.recipe, j)] = v
         return memo[ref]
 
     rng = random.Random(seed)
-    changed = [k for k, (ref, _, _) in plan.outputs.items() if isinstance(ref, stream._Out)]
-    same = [k for k, (ref, _, _) in plan.outputs.items() if isinstance(ref, stream._Src)]
+    changed = [k for k, (ref, _, _) in plan.outputs.items() if isinstance(ref, RecipeOutput)]
+    same = [k for k, (ref, _, _) in plan.outputs.items() if isinstance(ref, Source)]
     sample = rng.sample(changed, min(n, len(changed))) + rng.sample(same, min(n, len(same)))
     bad = []
     for key in sample:

@@ -15,7 +15,6 @@ import sys
 import traceback
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import click
@@ -196,18 +195,17 @@ def convert(
         from normrewrite.passes import ONNX_REGISTRY, REGISTRY
 
         # fail fast on bad pass names/options, before loading anything
-        created = [(ONNX_REGISTRY if model.endswith(".onnx") else REGISTRY).create(s) for s in passes]
+        for spec in passes:
+            (ONNX_REGISTRY if model.endswith(".onnx") else REGISTRY).create(spec)
         from normrewrite.emit.onnx.options import OnnxOptions
 
         onnx_options = OnnxOptions(opset=opset, target=onnx_target, dynamic=dynamic,  # type: ignore[arg-type]
                                    dtype=onnx_dtype, keep_io_types=keep_io_types)
 
         if meta:
-            from normrewrite.emit.files import plan_outputs, read_paths
-
-            plan_outputs(outputs, inputs=read_paths(model, created), report=report_path)
             _stream(model, passes, outputs, force=force, max_shard_size=max_shard_size,
-                    trust_remote_code=trust_remote_code, err=err, out=out, onnx_options=onnx_options)
+                    trust_remote_code=trust_remote_code, err=err, out=out, onnx_options=onnx_options,
+                    report_path=report_path)
             return
 
         def after(p: Any, r: Any) -> None:
@@ -236,29 +234,19 @@ def convert(
 
 def _stream(model: str, passes: list[str], outputs: tuple[str, ...], *, force: bool,
             max_shard_size: int, trust_remote_code: bool, err: Console, out: Console,
-            onnx_options: Any = None) -> None:
-    from normrewrite.errors import UsageError
-    from normrewrite.stream import convert_checkpoint, convert_checkpoint_onnx
+            onnx_options: Any, report_path: str | None) -> None:
+    """``--meta``: the pipeline's streamed configuration, with a progress bar."""
+    from normrewrite import api
+    from normrewrite.cli_progress import ProgressBar
 
-    if len(outputs) != 1 or Path(outputs[0]).suffix == ".pt2":
-        raise UsageError("--meta writes sharded safetensors (-o OUT_DIR/) or ONNX with external data "
-                         "(-o OUT.onnx): give one of them")
-    if Path(outputs[0]).suffix == ".onnx":
-        r = convert_checkpoint_onnx(model, passes, outputs[0], options=onnx_options, force=force,
-                                    trust_remote_code=trust_remote_code, progress=not err.quiet, console=err)
-        for name, changes in r.changes.items():
-            out.print(f"[bold]{name}[/]: {len(changes)} changes")
-        for note in r.notes:
-            out.print(f"  {note}", markup=False)
-        out.print(f"wrote {r.path} (opset {r.opset}, {r.nodes} nodes) and {r.data_path.name} "
-                  f"({r.bytes_written / 1e9:.2f} GB) in {r.seconds['total']:.1f} s")
-        return
-    res = convert_checkpoint(model, passes, outputs[0], force=force, max_shard_size=max_shard_size,
-                             trust_remote_code=trust_remote_code, progress=not err.quiet, console=err)
-    for name, changes in res.changes.items():
-        out.print(f"[bold]{name}[/]: {len(changes)} changes")
-    out.print(f"wrote {res.tensors} tensors ({res.bytes_written / 1e9:.2f} GB) in {len(res.shards)} "
-              f"shards to {res.out_dir} in {res.seconds['total']:.1f} s")
+    with ProgressBar(not err.quiet, err) as bar:
+        result = api.convert(model, passes, meta=True, outputs=outputs, force=force,
+                             max_shard_size=max_shard_size, trust_remote_code=trust_remote_code,
+                             onnx=onnx_options, report_path=report_path, progress=bar)
+    for p in result.report.passes:
+        out.print(f"[bold]{p.spec}[/]: {len(p.changes)} changes")
+    for line in result.summary:
+        out.print(f"  {line}" if line is not result.summary[-1] else line, markup=False)
 
 
 @main.command()

@@ -22,7 +22,8 @@ def assert_streamed_equals_in_memory(
 
     ckpt = tmp_path / "m.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
-    stream.convert_checkpoint(copy.deepcopy(model), passes, tmp_path / "out", checkpoint=ckpt,
+    pipeline = [normrewrite.REGISTRY.create(p) for p in passes]
+    stream.convert_checkpoint(copy.deepcopy(model), pipeline, tmp_path / "out", checkpoint=ckpt,
                               example_inputs=(example,), tracer="export")
     got: dict[str, torch.Tensor] = {}
     for f in (tmp_path / "out").glob("*.safetensors"):

@@ -21,6 +21,9 @@ from normrewrite.core.graph import get_tensor
 from normrewrite.core.ops import linear_info, set_bias
 from normrewrite.core.pass_infra import Change, Pass, PassContext, PassResult, compute_tensors
 from normrewrite.errors import LoadError, PassError
+from normrewrite.load.checkpoint import KeyMap, key_mapping
+from normrewrite.passes import REGISTRY
+from normrewrite.stream.plan import RecipeOutput
 
 transformers = pytest.importorskip("transformers")
 
@@ -161,8 +164,8 @@ def test_key_prefix_mapping(tmp_path: Path) -> None:
     state = {k.removeprefix("model."): v.contiguous() for k, v in model.state_dict().items()}
     ckpt = tmp_path / "weights.safetensors"
     save_file(state, str(ckpt))
-    km = stream.key_mapping([n for n, _ in model.named_parameters()], state.keys())
-    assert km == stream.KeyMap("model.", "")
+    km = key_mapping([n for n, _ in model.named_parameters()], state.keys())
+    assert km == KeyMap("model.", "")
     assert km.key("model.layers.0.mlp.up_proj.weight") == "layers.0.mlp.up_proj.weight"
     assert km.key("lm_head.weight") == "lm_head.weight"
     ids = torch.randint(0, 100, (1, 16))
@@ -180,9 +183,9 @@ def test_key_prefix_mapping(tmp_path: Path) -> None:
     assert set(got) == set(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
     # and the other way: graph without the prefix, checkpoint with it
-    assert stream.key_mapping(
+    assert key_mapping(
         ["layers.0.w", "norm.weight"], {"model.layers.0.w", "model.norm.weight"}
-    ) == stream.KeyMap("", "model.")
+    ) == KeyMap("", "model.")
 
 
 class _CNN(nn.Module):
@@ -214,7 +217,7 @@ def test_fold_bn_streamed_from_module_and_checkpoint(tmp_path: Path, tracer: str
 
     res = stream.convert_checkpoint(
         copy.deepcopy(model),
-        ["fold-bn"],
+        [REGISTRY.create("fold-bn")],
         tmp_path / "out",
         checkpoint=ckpt,
         example_inputs=(x,),
@@ -248,7 +251,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     (src / "config.json").write_text(json.dumps(cfg))
     f = src / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-100])
-    with pytest.raises(LoadError, match="corrupt safetensors entry"):
+    with pytest.raises(LoadError, match="corrupt safetensors file"):
         stream.convert_checkpoint(src, [], tmp_path / "o2")
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
@@ -300,10 +303,12 @@ def test_fold_norm_affine_and_fuse_norm_streamed(tmp_path: Path, dtype: torch.dt
     model = _llama(causal=True, dtype=dtype, tie=False)
     src = tmp_path / "src"
     model.save_pretrained(src, max_shard_size="30KB")
-    res = stream.convert_checkpoint(src, passes, tmp_path / "out", max_shard_size=40_000)
+    res = stream.convert_checkpoint(
+        src, [REGISTRY.create(p) for p in passes], tmp_path / "out", max_shard_size=40_000
+    )
     assert sum(len(v) for v in res.changes.values()) > 0, res.changes
     if dtype == torch.float32:  # bf16 Llama: γ stays after the down-cast, nothing to fold (exact)
-        assert any(isinstance(ref, stream._Out) for ref, _, _ in res.plan.outputs.values())
+        assert any(isinstance(ref, RecipeOutput) for ref, _, _ in res.plan.outputs.values())
     got = _read_dir(tmp_path / "out")
     ids = torch.randint(0, 100, (1, 16))
     mem = normrewrite.convert(model, passes, example_inputs=(ids,), tracer="export")
@@ -367,11 +372,15 @@ def test_meta_onnx_equals_in_memory_onnx(tmp_path: Path, tie: bool) -> None:
     assert sum(len(v) for v in res.changes.values()) > 0, res.changes
     data = tmp_path / "meta.onnx.data"
     assert out.is_file() and data.is_file() and res.bytes_written == data.stat().st_size > 0
-    assert check_external_data(out) == [data.resolve()] or data.resolve() in check_external_data(out)
+    assert check_external_data(out) == [data.resolve()] or data.resolve() in check_external_data(
+        out
+    )
     onnx.checker.check_model(str(out), full_check=True)
     # the big initializers live in the external file, not in the protobuf
     proto = onnx.load(str(out), load_external_data=False)
-    external = {t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    external = {
+        t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+    }
     assert "model.layers.0.self_attn.q_proj.weight.T" in external  # Transpose(W) folded lazily
     inline = [t for t in proto.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
     assert all(len(t.raw_data) <= 1024 for t in inline)  # only small constants stay inline
@@ -395,9 +404,16 @@ def test_meta_onnx_equals_in_memory_onnx(tmp_path: Path, tie: bool) -> None:
     state = mem.graph_module.state_dict()
     w = onnx.numpy_helper.to_array(loaded["model.layers.0.self_attn.q_proj.weight.T"])
     assert np.array_equal(w, state["model.layers.0.self_attn.q_proj.weight"].numpy().T)
-    assert not np.array_equal(w, model.state_dict()["model.layers.0.self_attn.q_proj.weight"].numpy().T)
+    assert not np.array_equal(
+        w, model.state_dict()["model.layers.0.self_attn.q_proj.weight"].numpy().T
+    )
     assert not any(n.op_type == "Transpose" and n.input[0] in loaded for n in proto.graph.node)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mem.onnx", "meta.onnx", "meta.onnx.data", "src"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "mem.onnx",
+        "meta.onnx",
+        "meta.onnx.data",
+        "src",
+    ]
 
 
 def test_meta_onnx_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -445,3 +461,83 @@ def test_cli_meta_onnx(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "exists" in r.output
     r = CliRunner().invoke(main, ["convert", str(src), "--meta", "-o", str(tmp_path / "x.pt2")])
     assert r.exit_code != 0 and "--meta" in r.output
+
+
+# --------------------------------------------------------------------------- hostile inputs, report
+
+
+def test_meta_refuses_overlapping_tensors(tmp_path: Path) -> None:
+    """--meta reads through safetensors' own validation: a file whose tensors overlap is refused
+    (it used to be accepted and to write wrong weights)."""
+    from test_load import overlap_tensors
+
+    _llama(causal=False).save_pretrained(tmp_path / "src")
+    overlap_tensors(tmp_path / "src" / "model.safetensors")
+    with pytest.raises(LoadError, match=r"corrupt safetensors file .*invalid offset"):
+        stream.convert_checkpoint(tmp_path / "src", [], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+_MEASURED = """
+import sys
+from normrewrite.cli import main
+try:
+    main(sys.argv[1:], standalone_mode=False)
+except Exception as e:
+    print("ERROR", e)
+finally:
+    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
+    print("HWM", int(hwm) * 1024)
+"""
+
+
+@pytest.mark.parametrize("meta", [False, True], ids=["in-memory", "meta"])
+def test_config_with_100000_layers_fails_fast_and_small(tmp_path: Path, meta: bool) -> None:
+    """config.json says 100000 layers, the checkpoint has 2: refused before the model is built
+    (it used to build 5 GB+ first), naming the first layer the checkpoint lacks."""
+    import subprocess
+    import sys
+    import time
+
+    _llama(causal=False).save_pretrained(tmp_path / "src")
+    cfg = json.loads((tmp_path / "src" / "config.json").read_text())
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 100000}))
+    args = ["convert", str(tmp_path / "src"), "-p", "fuse-norm", "-q"]
+    args += ["--meta", "-o", f"{tmp_path / 'out'}/"] if meta else ["-o", str(tmp_path / "o.pt2")]
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEASURED, *args], capture_output=True, text=True, timeout=300
+    )
+    seconds = time.perf_counter() - start
+    error = [ln for ln in proc.stdout.splitlines() if ln.startswith("ERROR")]
+    hwm = int(proc.stdout.split("HWM")[-1])
+    assert len(error) == 1 and "num_hidden_layers=100000" in error[0], proc.stdout + proc.stderr
+    assert "no layers.2." in error[0]
+    assert seconds < 60 and hwm < 1.5e9, (seconds, hwm)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.parametrize("suffix", ["/", ".onnx"])
+def test_cli_meta_writes_the_report(tmp_path: Path, suffix: str) -> None:
+    """--meta --report FILE: the in-memory report's schema — passes with their changes and
+    skips, outputs; verification not run, with the reason."""
+    from normrewrite.cli import main
+
+    _llama(causal=True, tie=False).save_pretrained(tmp_path / "src")
+    out, report = str(tmp_path / "out") + suffix, tmp_path / "r.json"
+    args = ["convert", str(tmp_path / "src"), "--meta", "-p", "fuse-norm", "-p", "fold-norm-affine"]
+    r = CliRunner().invoke(main, [*args, "-o", out, "--report", str(report), "-q"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(report.read_text())
+    names = [p["name"] for p in rep["passes"]]
+    assert names[:2] == ["fuse-norm", "fold-norm-affine"]
+    fuse = rep["passes"][0]
+    assert fuse["modified"] and len(fuse["changes"]) == 5  # 2 layers x 2 norms + the final norm
+    assert all({"target", "detail"} <= set(c) for c in fuse["changes"])
+    assert "skipped" in fuse and rep["verify"] is None
+    assert any(n.startswith("verification not run") for n in rep["notes"])
+    assert Path(rep["output"]["path"]) == Path(out) and rep["output"]["format"] == (
+        "onnx" if suffix == ".onnx" else "safetensors"
+    )
+    assert rep["source"] == "hf" and rep["input_origin"] == "config" and rep["tracer"] == "export"
+    assert rep["nodes_before"] > 0 and rep["nodes_after"] > 0

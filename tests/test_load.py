@@ -168,6 +168,110 @@ def test_hf_refusals(change: str, message: str, hf_dirs: dict[str, Path], tmp_pa
         load(d)
 
 
+# ------------------------------------------------ config against checkpoint (issue 10, items 8, 10)
+
+
+def _legit(name: str) -> nn.Module:
+    import models
+    import transformers
+
+    if name == "gpt2-lm-head":  # lm_head tied to wte: saved once
+        torch.manual_seed(0)
+        return transformers.GPT2LMHeadModel(models.gpt2().config).eval()
+    return {"bert": models.bert, "llama": models.llama, "resnet": models.resnet}[name]()
+
+
+@pytest.mark.parametrize("name", ["bert", "llama", "gpt2-lm-head", "resnet"])
+def test_hf_config_check_accepts_real_checkpoints(name: str, tmp_path: Path) -> None:
+    from normrewrite.load.checkpoint import Checkpoint
+    from normrewrite.load.hf import build_on_meta
+
+    model = _legit(name)
+    model.save_pretrained(tmp_path / "m")
+    meta = build_on_meta(tmp_path / "m", Checkpoint(tmp_path / "m"))
+    assert all(t.device.type == "meta" for t in meta.module.state_dict().values())
+    loaded = load(tmp_path / "m").module.state_dict()
+    want = model.state_dict()
+    assert loaded.keys() == want.keys() and all(torch.equal(loaded[k], want[k]) for k in want)
+
+
+def test_hf_config_check_accepts_a_base_model_checkpoint_under_a_head(tmp_path: Path) -> None:
+    """Keys saved from LlamaModel (``layers.0...``), config naming LlamaForCausalLM with a tied
+    head: the ``model.`` prefix and the tie are legitimate."""
+    import models
+
+    from normrewrite.load.checkpoint import Checkpoint, KeyMap
+    from normrewrite.load.hf import build_on_meta
+
+    base = models.llama()
+    base.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg.update(architectures=["LlamaForCausalLM"], tie_word_embeddings=True)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    meta = build_on_meta(tmp_path / "m", Checkpoint(tmp_path / "m"))
+    assert meta.keymap == KeyMap("model.", "")
+    head = load(tmp_path / "m").module
+    assert torch.equal(head.model.layers[1].mlp.up_proj.weight, base.layers[1].mlp.up_proj.weight)
+
+
+@pytest.mark.parametrize(
+    ("layers", "message"),
+    [
+        (3, r"no tensor layers\.2\.\S+ \(the model's layers\.2\."),  # one layer more: precise
+        (1, r"the model has no tensor for its layers\.1\."),  # one layer fewer
+        (100000, r"more than \d+ tensors, .*num_hidden_layers=100000.*no layers\.2\."),
+    ],
+    ids=["one-layer-more", "one-layer-fewer", "hostile-100000-layers"],
+)
+def test_hf_config_not_matching_checkpoint_is_refused(
+    layers: int, message: str, tmp_path: Path
+) -> None:
+    import time
+
+    import models
+
+    models.llama(layers=2).save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": layers}))
+    start = time.perf_counter()
+    with pytest.raises(LoadError, match=message) as e:
+        load(tmp_path / "m")
+    assert time.perf_counter() - start < 30 and "\n" not in str(e.value)
+
+
+def test_hf_checkpoint_with_overlapping_tensors_is_refused(tmp_path: Path) -> None:
+    """Two tensors declared over the same bytes (the second LayerNorm reads the first one's
+    weights): safetensors' own validation refuses the file before anything is loaded."""
+    import models
+
+    models.bert(layers=1).save_pretrained(tmp_path / "m")
+    overlap_tensors(tmp_path / "m" / "model.safetensors")
+    with pytest.raises(LoadError, match=r"corrupt safetensors file .*invalid offset"):
+        load(tmp_path / "m")
+
+
+def overlap_tensors(path: Path) -> None:
+    """Rewrite ``path`` so a 1-D tensor's data range is the one of an earlier tensor of the same
+    size (same bytes, same file size)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    entries = sorted(
+        ((k, v) for k, v in header.items() if k != "__metadata__" and len(v["shape"]) == 1),
+        key=lambda kv: kv[1]["data_offsets"][0],
+    )
+    first = entries[0]
+    twin = next(
+        (k, v)
+        for k, v in entries[1:]
+        if v["shape"] == first[1]["shape"] and v["dtype"] == first[1]["dtype"]
+    )
+    header[twin[0]]["data_offsets"] = list(first[1]["data_offsets"])
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+
+
 # --------------------------------------------------------------------------- .pt2 and refusals
 
 

@@ -52,12 +52,14 @@ for case in cases:
             if r.exception is not None and not isinstance(r.exception, SystemExit):
                 rec["exception"] = "".join(traceback.format_exception(r.exception))[-1500:]
         else:
-            from normrewrite import load, stream
+            from normrewrite import load
+            from normrewrite.load.checkpoint import Checkpoint
+
             try:
                 if case["kind"] == "hf":
                     load.load(case["args"][0])
                 else:
-                    ck = stream.Checkpoint(case["args"][0])
+                    ck = Checkpoint(case["args"][0])
                     for k in ck.keys():
                         ck.read(k)
                 rec["exit"] = 0

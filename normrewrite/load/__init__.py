@@ -4,8 +4,8 @@ Accepted:
 
 * ``path/to/file.py:factory`` and ``package.module:factory`` — the factory returns an ``nn.Module``
   or a ``(module, example_inputs)`` pair;
-* a Hugging Face model directory written by ``save_pretrained`` (``config.json`` + weights); the
-  class is ``config.json``'s ``architectures[0]`` from ``transformers``; the network is never used;
+* a Hugging Face model directory written by ``save_pretrained`` (``config.json`` + safetensors
+  weights; :mod:`normrewrite.load.hf`); the network is never used;
 * a ``torch.export`` program saved as ``.pt2``, vetted first (:mod:`normrewrite.load.pt2`).
 
 ``.onnx`` files hold no torch module: ``convert``/``inspect`` rewrite them ONNX in → ONNX out
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -59,7 +58,9 @@ def load(
     text = os.fspath(ref)
     path = Path(text)
     if path.is_dir():
-        loaded = _load_hf(path, inputs, trust_remote_code=trust_remote_code, seed=seed)
+        from normrewrite.load.hf import load_hf
+
+        loaded = load_hf(path, inputs, trust_remote_code=trust_remote_code, seed=seed)
     elif path.suffix == ".pt2":
         from normrewrite.load.pt2 import load_pt2
 
@@ -170,87 +171,3 @@ def _load_pickle(path: Path, inputs: Sequence[InputSpec] | None, *, seed: int) -
                        notes=[f"{path.name} was unpickled (--trust-pickle)"])
 
 
-# --------------------------------------------------------------------------- Hugging Face
-
-
-def _load_hf(
-    path: Path, inputs: Sequence[InputSpec] | None, *, trust_remote_code: bool, seed: int
-) -> LoadedModel:
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise LoadError(f"{path}: a model directory needs a config.json (as written by save_pretrained)")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LoadError(f"{cfg_file}: not valid JSON ({e})") from e
-    if not isinstance(cfg, dict):
-        raise LoadError(f"{cfg_file}: expected a JSON object")
-    archs = cfg.get("architectures") or []
-    if not archs or not isinstance(archs, list):
-        raise LoadError(f"{cfg_file}: no 'architectures' entry to choose the model class from")
-    if cfg.get("auto_map") and not trust_remote_code:
-        raise LoadError(
-            f"{cfg_file}: the model needs custom code from its directory (auto_map); "
-            "refusing to run it without --trust-remote-code"
-        )
-    if not any((path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json")):
-        if any((path / f).exists() for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-            raise LoadError(
-                f"{path}: only pickled pytorch_model.bin weights; refusing to unpickle them "
-                "(re-save with save_pretrained(safe_serialization=True))"
-            )
-        raise LoadError(f"{path}: no model.safetensors weights")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        import transformers
-    except ImportError as e:
-        raise LoadError("loading a Hugging Face directory needs the 'transformers' package") from e
-    arch = str(archs[0])
-    cls = getattr(transformers, arch, None)
-    if cls is None:
-        raise LoadError(f"{cfg_file}: transformers {transformers.__version__} has no class {arch!r}")
-    try:
-        config = transformers.AutoConfig.from_pretrained(
-            str(path), local_files_only=True, trust_remote_code=trust_remote_code
-        )
-        if hasattr(config, "use_cache"):
-            config.use_cache = False  # no cache objects in traced outputs
-        model = cls.from_pretrained(
-            str(path), config=config, local_files_only=True, trust_remote_code=trust_remote_code
-        )
-    except Exception as e:
-        raise LoadError(f"{path}: cannot load {arch}: {type(e).__name__}: {e}") from e
-    model.eval()
-    if inputs:
-        high = getattr(config, "vocab_size", None)
-        specs = [
-            InputSpec(s.shape, s.dtype, high if not s.dtype.is_floating_point else None)
-            for s in inputs
-        ]
-        return LoadedModel(model, make_inputs(specs, seed), "hf", f"{arch} ({path})")
-    spec = _hf_default_input(model, config, arch)
-    return LoadedModel(
-        model, make_inputs([spec], seed), "hf", f"{arch} ({path})", input_origin="config"
-    )
-
-
-def _hf_default_input(model: nn.Module, config: Any, arch: str) -> InputSpec:
-    main = getattr(model, "main_input_name", "input_ids")
-    if main == "input_ids":
-        vocab = getattr(config, "vocab_size", None)
-        if not vocab:
-            raise LoadError(f"{arch}: config has no vocab_size; pass --input 1xSEQ:int64")
-        seq = min(16, int(getattr(config, "max_position_embeddings", 16) or 16))
-        return InputSpec((1, seq), torch.int64, int(vocab))
-    if main == "pixel_values":
-        size = getattr(config, "image_size", 224) or 224
-        if isinstance(size, (list, tuple)):
-            h, w = int(size[0]), int(size[-1])
-        elif isinstance(size, dict):
-            h, w = int(size.get("height", 224)), int(size.get("width", 224))
-        else:
-            h = w = int(size)
-        channels = int(getattr(config, "num_channels", 3) or 3)
-        return InputSpec((1, channels, h, w), torch.float32)
-    raise LoadError(f"{arch}: cannot guess the shape of its input {main!r}; pass --input SHAPE[:dtype]")
