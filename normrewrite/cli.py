@@ -124,7 +124,8 @@ _native_opt = click.option(
 @click.option("-o", "--output", "outputs", multiple=True, required=True,
               help="OUT.pt2, OUT.onnx or DIR/ (code + weights); repeatable")
 @click.option("-p", "--pass", "pass_specs", multiple=True, metavar="NAME[:k=v,...]",
-              help="pass to run, in order; repeatable (default: fold-bn)")
+              help="pass to run, in order; repeatable (default: fold-bn); options of a pass: "
+                   "normrewrite passes NAME")
 @_input_opt
 @_max_input_opt
 @_tracer_opt
@@ -178,6 +179,9 @@ def convert(
 
     MODEL is FILE.py:factory, pkg.module:factory, a Hugging Face directory or a .pt2 program,
     or an .onnx model (rewritten ONNX in → ONNX out with the passes' ONNX forms).
+
+    The passes: normrewrite passes; one pass's options (type, default, meaning), what it
+    matches and whether it is exact: normrewrite passes NAME.
     """
     if not debug:
         _quiet_libraries()
@@ -308,18 +312,48 @@ def inspect(model: str, inputs: tuple[str, ...], tracer: str, as_json: bool,
 
 
 @main.command("passes")
-def list_passes() -> None:
-    """List the available passes, one line each."""
-    from normrewrite.passes import REGISTRY
+@click.argument("name", required=False)
+def list_passes(name: str | None) -> None:
+    """List the available passes, or explain one: normrewrite passes NAME shows what it matches,
+    whether it is exact, and its options (type, default, meaning)."""
+    from normrewrite.core.pass_help import pass_help
+    from normrewrite.passes import ONNX_REGISTRY, REGISTRY
 
+    if name is not None:
+        _run(False, lambda: click.echo(_pass_help_text(pass_help(REGISTRY.get(name)), name in ONNX_REGISTRY)))
+        return
     console = Console(highlight=False)
     table = Table(show_header=True)
     table.add_column("pass")
     table.add_column("kind")
+    table.add_column("options")
     table.add_column("what it does")
     for p in REGISTRY:
-        table.add_row(p.name, "exact" if p.exact else "approximate", p.summary)
+        options = ", ".join(o.name for o in pass_help(p).options) or "-"
+        table.add_row(p.name, "exact" if p.exact else "approximate", options, p.summary)
     console.print(table)
+    console.print("normrewrite passes NAME: what a pass matches and its options")
+
+
+def _pass_help_text(h: Any, on_onnx: bool) -> str:
+    """``normrewrite passes NAME`` as plain text (full lines whatever the terminal)."""
+    kind = (
+        "exact: preserves the model's function up to float rounding (verified; beyond --rtol "
+        "nothing is written)"
+        if h.exact
+        else "approximate: changes the model; the report gives the measured output difference"
+    )
+    lines = [f"{h.name}: {h.summary}", "", f"kind: {kind}",
+             f"usage: -p {h.name}" + ("[:option=value,...]" if h.options else "")]
+    if on_onnx:
+        lines.append("also runs on .onnx inputs (its ONNX form)")
+    lines += ["", "options:" if h.options else "options: none"]
+    for o in h.options:
+        lines.append(f"  {o.name}  {o.type}  (default: {o.default})")
+        lines += [f"      {line}" for line in o.meaning.splitlines()]
+    lines += ["", "what it matches, its identity and preconditions:"]
+    lines += [f"  {line}".rstrip() for line in h.description.splitlines()]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -30,6 +30,23 @@ follow). The decomposition computes every expert's product and gathers each row'
 float summation order, at E× the matmul work. Other ops with no ONNX translation are left alone and
 the exporter's error is reported in one line naming the op
 (:func:`normrewrite.emit.onnx.export.export_error`).
+
+Attention whose key/value broadcast against the query (q ``(B, H, L, E)``, k/v ``(b, h, S, E)``)::
+
+    sdpa(q, k, v)                 == sdpa(q, expand(k, B', H', -1, -1), expand(v, …))
+    sdpa(q, k, v, enable_gqa=True) == sdpa(q, k, v)          when h == H
+
+with ``B' = B`` where ``b == 1 < B`` (else -1), and ``H' = H`` where ``h == 1 < H`` and GQA is off
+(else -1). ``scaled_dot_product_attention`` broadcasts k/v's batch and head dims like a matmul, so
+the expanded operands hold the same values at every index it reads: exact (the kernel torch picks
+for the expanded operands may sum in another order: equal up to float rounding). Falcon's
+multi-query attention hands SDPA one k/v head for all query heads; the exporter's opset-23
+``Attention`` translation accepts only equal heads ("SDPA (MHA) requires q_num_heads =
+kv_num_heads") and onnxruntime's ``Attention`` only equal batches; with equal heads and
+``enable_gqa=True`` the exporter asserts ``q_num_heads > kv_num_heads``. Grouped-query attention
+proper (``enable_gqa=True``, h dividing H, h < H) exports as it is and is left alone. Preconditions:
+4-d q/k/v with known static k/v batch and head sizes (the query's batch may be symbolic: it is read
+with ``sym_size``, and -1 keeps every other dim free, so ``--dynamic`` outputs keep their shapes).
 """
 
 from __future__ import annotations
@@ -44,6 +61,11 @@ from normrewrite.core.pass_infra import Change, NoOptions, PassContext, Skip
 from normrewrite.core.rewrite import Rewrite, RewritePass
 
 _VIEW_TARGETS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
+_SDPA_TARGETS = (
+    torch.ops.aten.scaled_dot_product_attention.default,
+    torch.nn.functional.scaled_dot_product_attention,  # symbolic_trace graphs
+)
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")  # positional
 
 
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -75,6 +97,8 @@ class FixKind(enum.Enum):
     RESHAPE = "view → reshape"
     CLONE = "contiguous → clone(contiguous_format)"
     DECOMPOSE = "replaced by its decomposition"  # a custom op without an ONNX translation
+    EXPAND_KV = "key/value expanded to the query's dims"  # attention broadcasting k/v
+    NO_GQA = "enable_gqa=False (equal heads)"
 
 
 @dataclass(frozen=True)
@@ -89,6 +113,34 @@ class ViewFix:
 
     def describe(self) -> str:
         return f"{self.reason}: {self.kind.value}"
+
+    def preview(self) -> str:
+        return self.describe()
+
+
+@dataclass(frozen=True)
+class AttentionFix:
+    """An SDPA call whose k/v broadcast against q: ``expand`` says, for ``key`` and ``value``,
+    which dims to expand to q's size; ``no_gqa``: drop ``enable_gqa`` (equal heads)."""
+
+    node: Node
+    reason: str
+    query: tuple[int | None, ...]  # q's sizes, None where symbolic
+    expand: tuple[tuple[int, ...], tuple[int, ...]]  # dims of (key, value)
+    no_gqa: bool = False
+
+    @property
+    def kind(self) -> FixKind:
+        return FixKind.EXPAND_KV if any(self.expand) else FixKind.NO_GQA
+
+    @property
+    def label(self) -> str:
+        return self.node.name
+
+    def describe(self) -> str:
+        done = [FixKind.EXPAND_KV.value] if any(self.expand) else []
+        done += [FixKind.NO_GQA.value] if self.no_gqa else []
+        return f"{self.reason}: {', '.join(done)}"
 
     def preview(self) -> str:
         return self.describe()
@@ -172,7 +224,80 @@ def _non_contiguous(node: object) -> str | None:
     return f"contiguous() of a non-contiguous {tuple(shape)} tensor (strides {strides})"
 
 
-def match(node: Node) -> ViewFix | Skip | None:
+def _sdpa_arg(node: Node, name: str, default: object = None) -> object:
+    if name in _SDPA_ARGS and _SDPA_ARGS.index(name) < len(node.args):
+        return node.args[_SDPA_ARGS.index(name)]
+    return node.kwargs.get(name, default)
+
+
+def _sizes(node: object) -> tuple[int | None, ...] | None:
+    """A node's sizes, None for a symbolic one (export's fake tensor or ShapeProp's tensor_meta)."""
+    if not isinstance(node, Node):
+        return None
+    val = node.meta.get("val")
+    shape = val.shape if isinstance(val, torch.Tensor) else None
+    if shape is None and node.meta.get("tensor_meta") is not None:
+        shape = node.meta["tensor_meta"].shape
+    if shape is None:
+        return None
+    return tuple(d if isinstance(d, int) else None for d in shape)
+
+
+def match_attention(node: Node) -> AttentionFix | None:
+    """An SDPA call the ONNX exporter or onnxruntime cannot take as it is (module docstring)."""
+    if node.op != "call_function" or node.target not in _SDPA_TARGETS:
+        return None
+    q, k, v = (_sizes(_sdpa_arg(node, n)) for n in ("query", "key", "value"))
+    if q is None or k is None or v is None or not len(q) == len(k) == len(v) == 4:
+        return None
+    gqa = bool(_sdpa_arg(node, "enable_gqa", False))
+    no_gqa = gqa and k[1] is not None and k[1] == q[1] and v[1] == q[1]
+
+    def broadcast(kv: tuple[int | None, ...]) -> tuple[int, ...]:
+        dims = (0,) if gqa and not no_gqa else (0, 1)  # GQA proper shares heads by itself
+        return tuple(d for d in dims if kv[d] == 1 and (q[d] is None or q[d] > 1))
+
+    expand = (broadcast(k), broadcast(v))
+    if not any(expand) and not no_gqa:
+        return None
+    qs = "x".join("?" if d is None else str(d) for d in q)
+    ks = "x".join("?" if d is None else str(d) for d in k)
+    what = "equal heads with enable_gqa" if not any(expand) else "key/value broadcast"
+    return AttentionFix(node, f"attention {what} (q {qs}, k {ks})", q, expand, no_gqa)
+
+
+def apply_attention(gm: GraphModule, fix: AttentionFix) -> None:
+    node = fix.node
+    args, kwargs = list(node.args), dict(node.kwargs)
+    q = _sdpa_arg(node, "query")
+    for which, dims in zip(("key", "value"), fix.expand, strict=True):
+        if not dims:
+            continue
+        kv = _sdpa_arg(node, which)
+        with gm.graph.inserting_before(node):
+            sizes: list[object] = [-1] * 4
+            for d in dims:
+                size = fix.query[d]
+                sizes[d] = (
+                    size
+                    if size is not None
+                    else gm.graph.call_function(torch.ops.aten.sym_size.int, (q, d))
+                )
+            expanded = gm.graph.call_function(torch.ops.aten.expand.default, (kv, sizes))
+        i = _SDPA_ARGS.index(which)
+        if i < len(args):
+            args[i] = expanded
+        else:
+            kwargs[which] = expanded
+    if fix.no_gqa:
+        kwargs["enable_gqa"] = False
+    node.args, node.kwargs = tuple(args), kwargs
+
+
+def match(node: Node) -> ViewFix | AttentionFix | Skip | None:
+    attention = match_attention(node)
+    if attention is not None:
+        return attention
     name = _qualname(node)
     if name in DECOMPOSITIONS:
         return ViewFix(node, f"custom op {name} has no ONNX translation", FixKind.DECOMPOSE)
@@ -211,14 +336,17 @@ def apply(gm: GraphModule, fix: ViewFix) -> None:
         node.target = torch.ops.aten.reshape.default
 
 
-class _Fix(Rewrite[ViewFix]):
+class _Fix(Rewrite[ViewFix | AttentionFix]):
     refused = "not fixed"
 
-    def match(self, candidate: Node) -> ViewFix | Skip | None:
+    def match(self, candidate: Node) -> ViewFix | AttentionFix | Skip | None:
         return match(candidate)
 
-    def apply(self, found: ViewFix) -> Change:
-        apply(self.gm, found)
+    def apply(self, found: ViewFix | AttentionFix) -> Change:
+        if isinstance(found, AttentionFix):
+            apply_attention(self.gm, found)
+        else:
+            apply(self.gm, found)
         return Change(found.label, found.describe())
 
 
@@ -226,7 +354,7 @@ class FixExport(RewritePass):
     name = "fix-export"
     summary = (
         "make torch.export graphs ONNX-exportable: contiguous/view of non-contiguous tensors, "
-        "custom ops with a known decomposition (exact)"
+        "custom ops with a known decomposition, attention with broadcast key/value (exact)"
     )
     exact = True
     Options = NoOptions
@@ -235,4 +363,13 @@ class FixExport(RewritePass):
         return _Fix(gm, ctx)
 
 
-__all__ = ["FixExport", "FixKind", "ViewFix", "apply", "match"]
+__all__ = [
+    "AttentionFix",
+    "FixExport",
+    "FixKind",
+    "ViewFix",
+    "apply",
+    "apply_attention",
+    "match",
+    "match_attention",
+]

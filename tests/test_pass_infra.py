@@ -5,20 +5,22 @@ library API (``normrewrite.convert``; every pass callable on a GraphModule)."""
 from __future__ import annotations
 
 import copy
+import enum
 from dataclasses import dataclass
 from typing import Literal
 
 import pytest
 import torch
 from models import randomize_norms
-from normrewrite.passes import FoldBatchNorm
 from torch import nn
 from torch.fx import GraphModule
 
 import normrewrite
 from normrewrite.core.graph import get_tensor
+from normrewrite.core.pass_help import attribute_docs, pass_help
 from normrewrite.core.pass_infra import (
     Change,
+    NoOptions,
     Pass,
     PassContext,
     PassManager,
@@ -29,6 +31,7 @@ from normrewrite.core.pass_infra import (
 )
 from normrewrite.core.rewrite import Rewrite, Sweep, explain_each, rewrite_each
 from normrewrite.errors import PassError, UsageError
+from normrewrite.passes import FoldBatchNorm
 from normrewrite.trace import trace
 
 # --------------------------------------------------------------------------- options
@@ -97,6 +100,76 @@ def test_options_are_converted_to_their_declared_types() -> None:
 def test_bad_options_are_usage_errors(opts: dict[str, str], message: str) -> None:
     with pytest.raises(UsageError, match=message):
         _OptPass.from_strings(opts)
+
+
+class _Kind(enum.Enum):
+    UP = "up"
+    DOWN = "down"
+
+
+@dataclass(frozen=True)
+class _KeywordOpts:
+    from_: Literal["x", "y"] | None = None
+    """Where from (a Python keyword: the field is from_, users type from)."""
+    kind: _Kind = _Kind.UP
+    """An enum option."""
+    undocumented: int = 0
+
+
+class _KeywordPass(_OptPass):
+    name = "kw-pass"
+    Options = _KeywordOpts
+
+
+@pytest.mark.parametrize(
+    ("opts", "message"),
+    [
+        ({"from": "z"}, "option from='z' is not one of x, y"),
+        ({"from_": "z"}, "option from='z' is not one of x, y"),  # the field name works too
+        ({"kind": "sideways"}, "option kind='sideways' is not one of up, down"),
+        ({"form": "x"}, "unknown option 'form' (options: from, kind, undocumented)"),
+        ({"undocumented": "1.5"}, "option undocumented='1.5' is not a valid int"),
+    ],
+)
+def test_option_errors_name_options_as_users_type_them(opts: dict[str, str], message: str) -> None:
+    with pytest.raises(UsageError) as info:
+        _KeywordPass.from_strings(opts)
+    assert message in str(info.value) and "from_" not in str(info.value)
+
+
+def test_keyword_options_by_their_cli_name() -> None:
+    p = _KeywordPass.from_strings({"from": "y", "kind": "down"})
+    assert p.options == _KeywordOpts(from_="y", kind=_Kind.DOWN)
+    assert p.describe() == "kw-pass:from=y,kind=down"
+    assert _KeywordPass(**{"from": "x"}).options.from_ == "x"
+    assert _KeywordPass(from_="x").options.from_ == "x"
+    with pytest.raises(
+        UsageError, match=r"unknown option 'frm' \(options: from, kind, undocumented\)"
+    ):
+        _KeywordPass(frm="x")
+    with pytest.raises(UsageError, match=r"unknown option 'x' \(it takes none\)"):
+        _NoOptionsPass(x=1)
+
+
+class _NoOptionsPass(_OptPass):
+    name = "no-options"
+    Options = NoOptions
+
+
+def test_option_help_from_attribute_docstrings() -> None:
+    h = pass_help(_KeywordPass)
+    assert h.name == "kw-pass" and h.exact
+    assert [(o.name, o.type, o.default) for o in h.options] == [
+        ("from", "x|y or none", "none"),
+        ("kind", "up|down", "up"),
+        ("undocumented", "int", "0"),
+    ]
+    assert [o.meaning for o in h.options] == [
+        "Where from (a Python keyword: the field is from_, users type from).",
+        "An enum option.",
+        "",
+    ]
+    assert attribute_docs(_Opts) == {}  # fields without docstrings
 
 
 def test_constructor_options() -> None:

@@ -5,7 +5,8 @@ pass's precondition check (``requires``), the pass itself, then the postconditio
 *output* (``ensures``: by default a lint of the graph and a recompile). Passes are **in place**:
 they edit the GraphModule they are given and return it; callers that need the original keep a copy
 (:func:`normrewrite.convert` does). Options are a frozen dataclass per pass, parsed from the
-CLI's ``-p name:key=value`` strings with their declared types.
+CLI's ``-p name:key=value`` strings with their declared types; an option is named as users type it
+(:func:`option_name`) in every message. :mod:`normrewrite.core.pass_help` documents them.
 
 Graph rewrites follow one match protocol on top of :class:`Pass`: see :mod:`normrewrite.core.rewrite`.
 """
@@ -113,6 +114,31 @@ class NoOptions:
     pass
 
 
+def option_name(f: dataclasses.Field[Any]) -> str:
+    """An option as users type it: the field name without the trailing ``_`` that keeps a Python
+    keyword usable as a field (``from_`` → ``from``)."""
+    return f.name.rstrip("_") or f.name
+
+
+def option_fields(options: type) -> dict[str, dataclasses.Field[Any]]:
+    """CLI name → field of an Options dataclass."""
+    return {option_name(f): f for f in dataclasses.fields(options)}
+
+
+def _field_for(options: type, key: str) -> dataclasses.Field[Any] | None:
+    """The field ``key`` names, as users type it (``from``) or as the field is named (``from_``)."""
+    fields = option_fields(options)
+    return fields.get(key) or next((f for f in fields.values() if f.name == key), None)
+
+
+def _unknown(pass_name: str, key: str, options: type) -> UsageError:
+    names = sorted(option_fields(options))
+    return UsageError(
+        f"pass {pass_name}: unknown option {key!r}"
+        + (f" (options: {', '.join(names)})" if names else " (it takes none)")
+    )
+
+
 def _convert(value: str, typ: Any, key: str, pass_name: str) -> Any:
     origin = typing.get_origin(typ)
     if origin in (typing.Union, types.UnionType):
@@ -137,7 +163,12 @@ def _convert(value: str, typ: Any, key: str, pass_name: str) -> Any:
                 return False
             raise ValueError(value)
         if isinstance(typ, type) and issubclass(typ, enum.Enum):
-            return typ(value)
+            if value not in {str(m.value) for m in typ}:
+                choices = ", ".join(str(m.value) for m in typ)
+                raise UsageError(
+                    f"pass {pass_name}: option {key}={value!r} is not one of {choices}"
+                )
+            return next(m for m in typ if str(m.value) == value)
         if typ in (int, float, str):
             return typ(value)
     except ValueError:
@@ -184,27 +215,25 @@ class NamedPass:
         if options is not None and kwargs:
             raise UsageError(f"pass {self.name}: give options or keyword arguments, not both")
         if options is None:
-            names = {f.name for f in dataclasses.fields(self.Options)}
-            unknown = sorted(set(kwargs) - names)
-            if unknown:
-                raise UsageError(
-                    f"pass {self.name}: unknown option {unknown[0]!r}"
-                    + (f" (options: {', '.join(sorted(names))})" if names else " (it takes none)")
-                )
-            options = self.Options(**kwargs)
+            values = {}
+            for key, value in kwargs.items():
+                f = _field_for(self.Options, key)
+                if f is None:
+                    raise _unknown(self.name, key, self.Options)
+                values[f.name] = value
+            options = self.Options(**values)
         self.options = options
         self.validate_options()
 
     @classmethod
     def from_strings(cls, opts: dict[str, str]) -> Self:
         hints = typing.get_type_hints(cls.Options)
-        fields = {f.name for f in dataclasses.fields(cls.Options)}
         values: dict[str, Any] = {}
         for key, raw in opts.items():
-            if key not in fields:
-                avail = ", ".join(sorted(fields)) or "none"
-                raise UsageError(f"pass {cls.name}: unknown option {key!r} (options: {avail})")
-            values[key] = _convert(raw, hints[key], key, cls.name)
+            f = _field_for(cls.Options, key)
+            if f is None:
+                raise _unknown(cls.name, key, cls.Options)
+            values[f.name] = _convert(raw, hints[f.name], option_name(f), cls.name)
         return cls(**values)
 
     def validate_options(self) -> None:
@@ -212,13 +241,14 @@ class NamedPass:
 
     def describe(self) -> str:
         opts = {
-            f.name: getattr(self.options, f.name)
+            option_name(f): getattr(self.options, f.name)
             for f in dataclasses.fields(self.options)
             if getattr(self.options, f.name) != f.default
         }
         if not opts:
             return self.name
-        return self.name + ":" + ",".join(f"{k}={v}" for k, v in opts.items())
+        shown = {k: v.value if isinstance(v, enum.Enum) else v for k, v in opts.items()}
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in shown.items())
 
     def __repr__(self) -> str:
         return f"<Pass {self.describe()}>"

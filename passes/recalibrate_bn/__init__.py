@@ -33,15 +33,22 @@ replaces dim 0): floating inputs from a normal distribution with the example ten
 standard deviation, integer inputs uniformly from the example's ``[min, max]`` (so token ids stay
 inside the vocabulary), booleans as fair coin flips.
 
-Batches may have another batch size than the example inputs: the calibration run skips
-``torch.export``'s shape guards, so this works wherever the graph has no batch size baked in (a
-graph that has fails with a one-line error naming the batch).
+Batches may have another batch size than the example inputs (``batch_size``, or the batches of a
+data file). A ``symbolic_trace`` graph runs at any size. A ``torch.export`` graph is valid only at
+the shapes it was traced at (LeViT's, traced at batch 1, bakes batch 1 into ``split_with_sizes``
+and reshapes), so batches of other shapes run through the source model (``PassContext.reference``)
+given the graph's tensors, with hooks on its BatchNorm modules — after checking, on the example
+inputs, that each of its BNs sees what the graph's BN sees (:mod:`.eager`, which also says why this
+and not a second trace). Where the check fails (an earlier pass restructured the model) or there is
+no source model, the graph runs as it is, skipping its shape guards: that works where no batch size
+is baked in, and otherwise fails in one line saying why.
 
 Preconditions: real (not ``meta``) weights; each BN has stored running statistics and is in eval
 mode (a BN that uses batch statistics in this graph never reads its running statistics and is
 skipped, as is one without them); every channel sees more than one value per batch.
 
-Layout: :mod:`.measure` (which BNs, the moments, the calibration run), :mod:`.data` (batches).
+Layout: :mod:`.measure` (which BNs, the moments, the calibration run), :mod:`.data` (batches),
+:mod:`.eager` (batch sizes the graph was not traced for).
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ from normrewrite.core.rewrite import Rewrite, RewritePass, Sweep, rewrite_each
 from normrewrite.errors import PassError, UsageError
 
 from .data import load_batches, random_batches
+from .eager import EagerModel, accepts, shape_key, shapes
 from .measure import (
     Batch,
     Calibration,
@@ -88,7 +96,31 @@ class _Recalibrate(Rewrite[Target]):
 
     def prepare(self, matches: list[Target]) -> None:
         batches, self.origin = self.owner.batches(self.ctx)
-        self.calibration = measure(self.gm, batches, matches)
+        groups: dict[tuple[tuple[int, ...], ...], list[Batch]] = {}
+        for b in batches:  # one graph per batch shape the traced graph does not accept
+            groups.setdefault(shape_key(b), []).append(b)
+        eager: EagerModel | PassError | None = None  # for shapes the graph was not traced at
+        for group in groups.values():
+            if not accepts(self.gm, group[0]) and eager is None:
+                try:
+                    eager = EagerModel(
+                        self.gm, self.ctx.reference, matches, self.ctx.example_inputs
+                    )
+                except PassError as e:
+                    eager = e
+            if accepts(self.gm, group[0]) or not isinstance(eager, EagerModel):
+                try:
+                    measure(self.gm, group, matches, self.calibration)
+                except PassError as e:
+                    if eager is None:
+                        raise
+                    raise PassError(
+                        f"{e}; the graph was traced at {shapes(self.ctx.example_inputs)} and the "
+                        f"source model cannot run in its place ({eager}): calibrate at the traced "
+                        "size, or run recalibrate-bn before the passes that change the model"
+                    ) from None
+            else:
+                eager.measure(group, matches, self.calibration)
 
     def apply(self, found: Target) -> Change | None:
         """New statistics for ``found`` (None when a BN called at several sites was already

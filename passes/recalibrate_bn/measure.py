@@ -15,7 +15,7 @@ from torch.fx import GraphModule, Interpreter, Node
 from normrewrite.core.graph import get_tensor, is_bookkeeping
 from normrewrite.core.ops import NormInfo, batchnorm_info
 from normrewrite.core.pass_infra import Skip
-from normrewrite.errors import PassError
+from normrewrite.errors import PassError, first_line
 
 aten = torch.ops.aten
 
@@ -33,8 +33,8 @@ def batch_moments(x: Tensor) -> tuple[Tensor, Tensor, int]:
     n = x.numel() // x.shape[1]
     if n < 2:
         raise PassError(
-            f"a BatchNorm sees {n} value per channel in a batch of shape {tuple(x.shape)}; "
-            "its variance is undefined (use a larger batch: recalibrate-bn:batch_size=N)"
+            f"the BatchNorm sees {n} value per channel (its input is {tuple(x.shape)}): its "
+            "variance is undefined; use larger batches (recalibrate-bn:batch_size=N)"
         )
     x64 = x.detach().to(torch.float64)
     return x64.mean(dims), x64.var(dims, unbiased=True), n
@@ -120,12 +120,15 @@ def bn_targets(gm: GraphModule) -> list[Target]:
 
 class _Recorder(Interpreter):
     """Runs the graph with every target BN in training-mode normalization, recording the
-    per-channel moments of its input."""
+    per-channel moments of its input; with ``cal=None`` runs it as it is, keeping a copy of every
+    target BN's input (:attr:`inputs`, per running-mean FQN in call order)."""
 
-    def __init__(self, gm: GraphModule, targets: Sequence[Target], cal: Calibration) -> None:
+    def __init__(self, gm: GraphModule, targets: Sequence[Target], cal: Calibration | None) -> None:
         super().__init__(gm, garbage_collect_values=True)
+        self.extra_traceback = False  # errors stay one line: no node dump and traceback appended
         self.by_node = {(t.info.op_node or t.info.node): t for t in targets}
         self.cal = cal
+        self.inputs: dict[str, list[Tensor]] = {}
 
     def run_node(self, n: Node) -> Any:
         if is_bookkeeping(n):  # export's shape guards: batches may have another batch size
@@ -138,7 +141,13 @@ class _Recorder(Interpreter):
             if isinstance(target.info.input, Node)
             else target.info.input
         )
-        self.cal.moments.setdefault(target.mean, Moments()).add(x)
+        if self.cal is None:
+            self.inputs.setdefault(target.mean, []).append(x.detach().clone())
+            return super().run_node(n)
+        try:
+            self.cal.moments.setdefault(target.mean, Moments()).add(x)
+        except PassError as e:
+            raise PassError(f"{target.label}: {e}") from None
         info = target.info
         weight = get_tensor(self.module, info.weight) if info.weight else self._arg(n, 1)
         bias = get_tensor(self.module, info.bias) if info.bias else self._arg(n, 2)
@@ -157,26 +166,43 @@ class _Recorder(Interpreter):
         return self.env[n.args[i]]
 
 
+def bn_inputs(
+    gm: GraphModule, targets: Sequence[Target], inputs: Sequence[Any]
+) -> dict[str, list[Tensor]]:
+    """The input of every target BN call when ``gm`` runs (unchanged) on ``inputs``."""
+    rec = _Recorder(gm, targets, None)
+    with torch.no_grad():
+        rec.run(*inputs)
+    return rec.inputs
+
+
 def measure(
-    gm: GraphModule, batches: Sequence[Batch], targets: Sequence[Target] | None = None
+    gm: GraphModule,
+    batches: Sequence[Batch],
+    targets: Sequence[Target] | None = None,
+    calibration: Calibration | None = None,
 ) -> Calibration:
-    """Run ``gm`` over ``batches`` and return each target BN's cumulative statistics."""
+    """Run ``gm`` over ``batches`` and return each target BN's cumulative statistics (added to
+    ``calibration`` when given: the average is over every batch, whichever graph ran it). ``gm``
+    must accept the batches' shapes (:mod:`.eager`). Errors are one line: the fx interpreter
+    appends the failing node and a traceback to the message, :func:`first_line` drops them."""
     if targets is None:
         targets = bn_targets(gm)
-    cal = Calibration()
+    cal = calibration if calibration is not None else Calibration()
     rec = _Recorder(gm, targets, cal)
     with torch.no_grad():
-        for i, batch in enumerate(batches):
+        for batch in batches:
+            shapes = ", ".join("x".join(map(str, t.shape)) for t in batch)
             try:
                 rec.run(*batch)
-            except PassError:
-                raise
-            except Exception as e:
-                msg = " ".join(str(e).split())[:200]
-                shapes = ", ".join("x".join(map(str, t.shape)) for t in batch)
+            except PassError as e:
                 raise PassError(
-                    f"recalibrate-bn: running the model on batch {i} ({shapes}) failed: "
-                    f"{type(e).__name__}: {msg}"
+                    f"recalibrate-bn: batch {cal.batches} ({shapes}): {first_line(e)}"
+                ) from None
+            except Exception as e:
+                raise PassError(
+                    f"recalibrate-bn: running the model on batch {cal.batches} ({shapes}) failed: "
+                    f"{type(e).__name__}: {first_line(e)}"
                 ) from e
             cal.batches += 1
     return cal
@@ -188,6 +214,7 @@ __all__ = [
     "Moments",
     "Target",
     "batch_moments",
+    "bn_inputs",
     "bn_targets",
     "match",
     "measure",

@@ -58,7 +58,7 @@ from torch import Tensor
 from torch.fx import GraphModule, Node
 
 from normrewrite.core.graph import TensorUsage
-from normrewrite.core.pass_infra import Change, Pass, PassContext, PassResult, Skip
+from normrewrite.core.pass_infra import Change, PassContext, PassResult, Skip
 from normrewrite.core.rewrite import Rewrite, RewritePass, Sweep, rewrite_each
 
 from .math import default_groups
@@ -99,20 +99,8 @@ class SwapNorm(RewritePass):
     Options = SwapNormOptions
 
     def __init__(self, options: SwapNormOptions | None = None, **kwargs: Any) -> None:
-        if "from" in kwargs:
-            kwargs["from_"] = kwargs.pop("from")
-        super().__init__(options, **kwargs)
+        super().__init__(options, **kwargs)  # `from` and `from_` both name SwapNormOptions.from_
         self.exact = is_exact(self.options)
-
-    @classmethod
-    def from_strings(cls, opts: dict[str, str]) -> Pass:
-        opts = dict(opts)
-        if "from" in opts:
-            opts["from_"] = opts.pop("from")
-        return super().from_strings(opts)
-
-    def describe(self) -> str:
-        return super().describe().replace("from_=", "from=")
 
     def validate_options(self) -> None:
         validate(self.options)

@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from normrewrite.passes import REGISTRY
-from normrewrite.passes.recalibrate_bn import RecalibrateBatchNorm, random_batches
 from torch import nn
 
-from normrewrite.core.pass_infra import PassContext
+import normrewrite
+from normrewrite.core.graph import get_tensor
+from normrewrite.core.pass_infra import Pass, PassContext, PassResult
 from normrewrite.errors import PassError, UsageError
+from normrewrite.passes import REGISTRY
+from normrewrite.passes.recalibrate_bn import RecalibrateBatchNorm, random_batches
 from normrewrite.trace import trace
 from normrewrite.verify import compare, run
 
@@ -313,3 +315,121 @@ def test_cli_convert_runs_it_as_an_approximate_pass(tmp_path: Path) -> None:
     assert data["passes"][0]["changes"][0]["target"] == "1"
     ep = torch.export.load(str(out))
     assert ep.module().get_buffer("1.num_batches_tracked").item() == 3
+
+
+# --------------------------------------------------------------------------- other batch sizes
+
+
+def _levit(image: int) -> nn.Module:
+    t = models._transformers()
+    torch.manual_seed(0)
+    cfg = t.LevitConfig(
+        hidden_sizes=[16, 32, 48],
+        num_attention_heads=[1, 2, 3],
+        depths=[1, 1, 1],
+        key_dim=[8, 8, 8],
+        image_size=image,
+        patch_size=16,
+    )
+    return models.randomize_norms(t.LevitModel(cfg)).eval()
+
+
+@pytest.mark.parametrize(("image", "batch_size"), [(128, 1), (64, 8)])
+def test_levit_at_the_requested_batch_size(tmp_path: Path, image: int, batch_size: int) -> None:
+    """An exported LeViT graph, traced at batch 1, recalibrated on batches of ``batch_size``: the
+    statistics are PyTorch's own momentum=None average over the same batches. Batch 1 runs the
+    graph; batch 8 the source model with the graph's tensors (the graph bakes in batch 1)."""
+    model = _levit(image)
+    example = (torch.randn(1, 3, image, image),)
+    samples = torch.randn(
+        4 * batch_size, 3, image, image, generator=torch.Generator().manual_seed(3)
+    )
+    torch.save(samples, tmp_path / "samples.pt")
+    result = normrewrite.convert(
+        model,
+        [f"recalibrate-bn:data={tmp_path / 'samples.pt'},batch_size={batch_size}"],
+        example,
+        tracer="export",
+    )
+    (run_report,) = result.report.passes
+    assert run_report.modified and all("from 4 batches" in c.detail for c in run_report.changes)
+    expected = _pytorch_reference(model, list(torch.split(samples, batch_size)))
+    bns = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)]
+    assert len(run_report.changes) == len(bns) > 10
+    for bn in bns:
+        for stat in STATS:
+            got = get_tensor(result.graph_module, f"{bn}.{stat}")
+            torch.testing.assert_close(got, expected[f"{bn}.{stat}"], rtol=1e-4, atol=1e-5)
+    # the user's model is untouched
+    assert torch.equal(
+        model.state_dict()[f"{bns[0]}.running_mean"],
+        _levit(image).state_dict()[f"{bns[0]}.running_mean"],
+    )
+
+
+def test_levit_batch_of_one_is_one_line_naming_the_bn() -> None:
+    """At image 64 the last stage has one position: a batch of one gives a BN one value per
+    channel. The error names it and the fix, in one line (no fx node dump, no traceback)."""
+    with pytest.raises(PassError) as info:
+        normrewrite.convert(
+            _levit(64), ["recalibrate-bn:batches=2"], (torch.randn(1, 3, 64, 64),), tracer="export"
+        )
+    msg = str(info.value)
+    assert "queries.batch_norm" in msg and "batch_size=N" in msg and "batch 0 (1x3x64x64)" in msg
+    assert "While executing" not in msg and "Traceback" not in msg and "\n" not in msg
+    assert len(msg) < 300
+
+
+class _Doubled(Pass):
+    """A structural rewrite before recalibration: doubles bn1's input in the graph."""
+
+    name = "double-bn1-input"
+    summary = "test"
+
+    def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        bn = next(n for n in gm.graph.nodes if "batch_norm" in str(n.target))
+        with gm.graph.inserting_before(bn):
+            doubled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (bn.args[0], 2.0))
+        bn.replace_input_with(bn.args[0], doubled)
+        return PassResult(gm, True)
+
+
+class _BakedBatch(Small):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.bn2(self.conv2(x))
+        return self.bn3(self.fc(x.reshape(x.shape[0], -1)))  # export bakes the batch in
+
+
+def test_other_batch_size_after_a_structural_rewrite_is_refused() -> None:
+    """The source model no longer computes the graph: the graph itself cannot run at batch 6
+    (export baked batch 4 into a reshape), and the one-line error gives both reasons."""
+    model, example = models.randomize_norms(_BakedBatch()).eval(), (torch.randn(4, 3, 8, 8),)
+    gm = trace(model, example, "export").graph_module
+    ctx = PassContext(example_inputs=example, reference=model)
+    _Doubled()(gm, ctx)
+    with pytest.raises(PassError) as info:
+        RecalibrateBatchNorm(batches=2, batch_size=6)(gm, ctx)
+    msg = str(info.value)
+    assert "batch 0 (6x3x8x8)" in msg and "traced at 4x3x8x8" in msg, msg
+    assert "bn1 does not see the graph's input" in msg and "\n" not in msg
+    # at the traced batch size the graph itself runs: fine
+    assert RecalibrateBatchNorm(batches=2)(gm, ctx).modified
+    with pytest.raises(PassError, match="no source model"):
+        RecalibrateBatchNorm(batches=2, batch_size=6)(gm, PassContext(example_inputs=example))
+
+
+def test_export_graph_at_another_batch_size_matches_pytorch() -> None:
+    """Random batches of 6 for a graph traced at 4: PyTorch's numbers on the same batches."""
+    model, example = _small(), (torch.randn(4, 3, 8, 8),)
+    gm = trace(model, example, "export").graph_module
+    ctx = PassContext(example_inputs=example, reference=model)
+    result = RecalibrateBatchNorm(batches=3, batch_size=6)(gm, ctx)
+    assert result.modified and len(result.changes) == 3
+    drawn = random_batches(example, 3, 6, 0)
+    expected = _pytorch_reference(model, [b[0] for b in drawn])
+    for name in ("bn1", "bn2", "bn3"):
+        for stat in STATS:
+            torch.testing.assert_close(
+                get_tensor(gm, f"{name}.{stat}"), expected[f"{name}.{stat}"], rtol=1e-5, atol=1e-6
+            )
