@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from click.testing import CliRunner
+from normrewrite.passes import REGISTRY
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -22,10 +24,7 @@ from normrewrite.core.ops import linear_info, set_bias
 from normrewrite.core.pass_infra import Change, Pass, PassContext, PassResult, compute_tensors
 from normrewrite.errors import LoadError, PassError
 from normrewrite.load.checkpoint import KeyMap, key_mapping
-from normrewrite.passes import REGISTRY
 from normrewrite.stream.plan import RecipeOutput
-
-transformers = pytest.importorskip("transformers")
 
 
 class ScaleLinears(Pass):
@@ -298,8 +297,6 @@ def test_fold_norm_affine_and_fuse_norm_streamed(tmp_path: Path, dtype: torch.dt
     """The passes the large-model bench uses: streamed == in-memory, and the streamed weights
     in the rewritten graph compute the original model's function."""
     passes = ["fuse-norm", "fold-norm-affine"]  # fold needs the fused norm op
-    if not all(p in normrewrite.REGISTRY for p in passes):
-        pytest.skip("fold-norm-affine / fuse-norm not registered")
     model = _llama(causal=True, dtype=dtype, tie=False)
     src = tmp_path / "src"
     model.save_pretrained(src, max_shard_size="30KB")
@@ -362,8 +359,6 @@ def test_meta_onnx_equals_in_memory_onnx(tmp_path: Path, tie: bool) -> None:
     from normrewrite.load.safety import check_external_data
 
     passes = ["fuse-norm", "fold-norm-affine"]
-    if not all(p in normrewrite.REGISTRY for p in passes):
-        pytest.skip("fold-norm-affine / fuse-norm not registered")
     model = _llama(causal=True, tie=tie)
     src = tmp_path / "src"
     model.save_pretrained(src, max_shard_size="30KB")

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import models
-import pytest
 import torch
 from torch import nn
 
@@ -125,7 +124,7 @@ def _cases(tmp: Path) -> list[dict]:
         f.write_bytes(data)
         cases.append({"name": f"safetensors {name}", "kind": "safetensors", "args": [str(f)]})
 
-    pytest.importorskip("transformers")
+    import transformers  # noqa: F401 - a test dependency: fail, never skip
     hf = tmp / "hf"
     models.bert(layers=1, hidden=16).save_pretrained(hf)
     st = (hf / "model.safetensors").read_bytes()
@@ -139,7 +138,7 @@ def _cases(tmp: Path) -> list[dict]:
             (d / target).write_bytes(data)
             cases.append({"name": f"hf {target} {name}", "kind": "hf", "args": [str(d)]})
 
-    pytest.importorskip("onnx")
+    import onnx  # noqa: F401 - a test dependency: fail, never skip
     from onnx import TensorProto, helper, numpy_helper
 
     w = numpy_helper.from_array(torch.randn(2, 2).numpy(), "W")

@@ -12,6 +12,7 @@ from typing import Literal
 import pytest
 import torch
 from models import randomize_norms
+from normrewrite.passes import FoldBatchNorm
 from torch import nn
 from torch.fx import GraphModule
 
@@ -31,7 +32,6 @@ from normrewrite.core.pass_infra import (
 )
 from normrewrite.core.rewrite import Rewrite, Sweep, explain_each, rewrite_each
 from normrewrite.errors import PassError, UsageError
-from normrewrite.passes import FoldBatchNorm
 from normrewrite.trace import trace
 
 # --------------------------------------------------------------------------- options
