@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from harness import ort_run
+from harness import ort_run, rel_err
 from models import randomize_norms
 from torch import nn
 
@@ -53,8 +53,6 @@ def converted(
     return model, x, ref64, out, result
 
 
-def rel_err(ref: torch.Tensor, y: torch.Tensor) -> float:
-    return float((y.double() - ref).abs().max() / ref.abs().max())
 
 
 def test_all_outputs_written_and_reported(converted) -> None:

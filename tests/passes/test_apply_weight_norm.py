@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from checks import assert_streamed_equals_in_memory
+from harness import rel_err
 from models import randomize_norms
 from normrewrite.passes import REGISTRY, ApplyWeightNorm, RemoveWeightNorm
 from normrewrite.passes.apply_weight_norm import split_weight
@@ -67,9 +68,6 @@ def run(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return m(x)
 
 
-def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref = ref.double()
-    return float((out.double() - ref).abs().max() / ref.abs().max())
 
 
 def reparameterised(mean_only_bn: bool, tracer: str) -> tuple[nn.Module, torch.Tensor, GraphModule, Any]:

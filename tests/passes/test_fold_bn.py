@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from harness import rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from models import randomize_norms
@@ -38,9 +39,6 @@ NET_RTOL = 1e-4  # fp32, per network
 # --------------------------------------------------------------------------- helpers
 
 
-def rel_err(reference: torch.Tensor, out: torch.Tensor) -> float:
-    ref = reference.double()
-    return float((out.double() - ref).abs().max() / ref.abs().max())
 
 
 def fp64_reference(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:

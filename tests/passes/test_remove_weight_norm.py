@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from harness import rel_err
 from normrewrite.passes import RemoveWeightNorm
 from normrewrite.passes.remove_weight_norm import materialize, reduced_dims
 from onnx_helpers import onnx_outputs, op_types
@@ -74,9 +75,6 @@ def run(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return m(x)
 
 
-def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref = ref.double()
-    return float((out.double() - ref).abs().max() / ref.abs().max())
 
 
 def torch_weight(model: nn.Module, name: str) -> torch.Tensor:

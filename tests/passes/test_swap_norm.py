@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from checks import assert_streamed_equals_in_memory
-from harness import ort_run
+from harness import ort_run, rel_err
 from models import randomize_norms
 from normrewrite.passes import REGISTRY, SwapNorm
 from normrewrite.passes.swap_norm import default_groups
@@ -48,9 +48,6 @@ IMPL_RTOL = 1e-5  # rewritten graph vs the target norm written out by hand (both
 # --------------------------------------------------------------------------- helpers
 
 
-def rel_err(reference: torch.Tensor, out: torch.Tensor) -> float:
-    ref = reference.double()
-    return float((out.double() - ref).abs().max() / ref.abs().max())
 
 
 def fp64_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
