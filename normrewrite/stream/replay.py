@@ -10,8 +10,8 @@ plus the recipe outputs a later recipe still reads (about one layer's worth).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -85,6 +85,7 @@ class Replay:
             values = recipe.fn(*args)
         if isinstance(values, torch.Tensor):
             values = (values,)
+        _check_finite(recipe, args, values)
         del args
         for ref in ins:
             self._release(ref)
@@ -105,3 +106,19 @@ class Replay:
                 self._run(ref.recipe)
             else:
                 self._emit(ref, self.value(ref))
+
+
+def _check_finite(recipe: Any, args: list[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+    """On ``meta`` a pass cannot see the values it folds (a BatchNorm's running_var may be negative
+    or NaN in a hostile or broken checkpoint), and a streamed conversion has no model to verify
+    against: a rewritten tensor holding NaN/Inf is refused here, before it is written (the
+    in-memory path refuses the same BatchNorms when matching, and verifies)."""
+    for name, v in zip(recipe.outputs, values, strict=False):
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = [n for n, a in zip(recipe.inputs, args, strict=False)
+                   if a.is_floating_point() and not bool(torch.isfinite(a).all())]
+            cause = f"non-finite values in {bad[0]}" if bad else "finite values (e.g. a negative running_var)"
+            raise PassError(
+                f"{recipe.origin or 'a pass'}: rewriting {name} gives NaN/Inf from the checkpoint's "
+                f"{cause}; refused, nothing written"
+            )
