@@ -190,6 +190,7 @@ def test_interrupted_streamed_write_leaves_nothing(
     import transformers
 
     from normrewrite import stream
+    from normrewrite.stream.shards import ShardWriter
 
     cfg = transformers.LlamaConfig(
         vocab_size=64,
@@ -206,15 +207,15 @@ def test_interrupted_streamed_write_leaves_nothing(
     if existing:
         out.mkdir()
         (out / "old.txt").write_text("old")
-    real_write, calls = stream.ShardWriter.write, []
+    real_write, calls = ShardWriter.write, []
 
-    def write(self: stream.ShardWriter, key: str, value: torch.Tensor) -> int:
+    def write(self: ShardWriter, key: str, value: torch.Tensor) -> int:
         calls.append(key)
         if len(calls) == 5:
             raise KeyboardInterrupt
         return real_write(self, key, value)
 
-    monkeypatch.setattr(stream.ShardWriter, "write", write)
+    monkeypatch.setattr(ShardWriter, "write", write)
     with pytest.raises(KeyboardInterrupt):
         stream.convert_checkpoint(src, [], out, max_shard_size=2000, force=existing)
     assert len(calls) == 5
