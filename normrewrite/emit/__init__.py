@@ -29,6 +29,7 @@ from torch.utils import _pytree as pytree
 
 from normrewrite.emit.files import atomic_dir, atomic_file, guarded_writer
 from normrewrite.errors import EmitError, first_line
+from normrewrite.load.specs import OUTPUT_NAMES_META, OUTPUTS_FILE
 from normrewrite.trace import silenced
 from normrewrite.verify import Comparison
 
@@ -58,7 +59,6 @@ def output_format(path: Path) -> str:
 # the output contract of an emitted program, kept on its graph module (``output_names``) and
 # written into a ``.pt2`` as ``normrewrite/outputs.json``
 _OUTPUTS_META = "normrewrite.outputs"
-OUTPUTS_FILE = "normrewrite/outputs.json"
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,8 @@ def export_program(
     the program loads with ``torch`` alone (``torch.export.load`` needs every class named in the
     output spec registered). A lone tensor stays a tensor. ``keep_output_classes`` keeps the
     model's own output structure. Either way, one export; the output names in order are recorded
-    (:func:`output_names`) and :func:`write_pt2` stores them in the archive."""
+    (:func:`output_names`; a program loaded from a ``.pt2`` normrewrite wrote keeps the names
+    stored in it) and :func:`write_pt2` stores them in the archive."""
     from normrewrite.trace import export_dynamic
 
     names: list[str] = []
@@ -159,7 +160,11 @@ def export_program(
         raise EmitError(
             f"torch.export of the rewritten model failed: {type(e).__name__}: {first_line(e)}"
         ) from e
-    ep.graph_module.meta[_OUTPUTS_META] = Outputs(tuple(names), not keep_output_classes)
+    found = tuple(names)
+    known = gm.meta.get(OUTPUT_NAMES_META)  # a .pt2 normrewrite wrote: its flat outputs' names
+    if known and len(known) == len(found) and found == tuple(map(str, range(len(found)))):
+        found = tuple(known)
+    ep.graph_module.meta[_OUTPUTS_META] = Outputs(found, not keep_output_classes)
     return ep
 
 

@@ -44,7 +44,13 @@ import torch
 from normrewrite.errors import LoadError, first_line
 from normrewrite.load.inputs import InputSpec, make_inputs
 from normrewrite.load.safety import SYMBOL, check_expression, check_guard, check_target
-from normrewrite.load.specs import register_stand_ins, spec_types
+from normrewrite.load.specs import (
+    OUTPUT_NAMES_META,
+    OUTPUTS_FILE,
+    output_names_of,
+    register_stand_ins,
+    spec_types,
+)
 
 _MAX_RATIO = 200  # a compressed entry expanding more than this is treated as a zip bomb
 _MAX_JSON = 256 * 1024 * 1024
@@ -324,12 +330,16 @@ def load_pt2(
         raise LoadError(f"{path}: not a torch.export program (not a .pt2 archive)")
     types = check_pt2(path, trust_pickle=trust_pickle, trust_native_code=trust_native_code)
     register_stand_ins(types)
+    extra = {OUTPUTS_FILE: ""}
     try:
-        ep = torch.export.load(str(path))
+        ep = torch.export.load(str(path), extra_files=extra)
     except Exception as e:
         raise LoadError(
             f"{path}: cannot load torch.export program: {type(e).__name__}: {first_line(e)}"
         ) from e
+    names = output_names_of(extra[OUTPUTS_FILE], len(ep.graph_signature.user_outputs))
+    if names is not None:  # kept for the next export of this program (ep.module() copies meta)
+        ep.graph_module.meta[OUTPUT_NAMES_META] = names
     if inputs:
         example, origin = make_inputs(inputs, seed), "given"
     else:

@@ -17,6 +17,26 @@ from typing import Any
 
 from normrewrite.errors import LoadError, first_line
 
+# the output names of a program normrewrite wrote (normrewrite.emit.write_pt2), in its archive,
+# and where load_pt2 leaves them for the next export (normrewrite.emit.export_program)
+OUTPUTS_FILE = "normrewrite/outputs.json"
+OUTPUT_NAMES_META = "normrewrite.output_names"
+
+
+def output_names_of(text: str, count: int) -> tuple[str, ...] | None:
+    """The output names in an archive's ``normrewrite/outputs.json`` when they describe its
+    ``count`` flat outputs (else None: absent, malformed, or classes kept)."""
+    try:
+        data = json.loads(text) if text else None
+    except ValueError:
+        return None
+    names = data.get("outputs") if isinstance(data, dict) and data.get("flattened") else None
+    if not isinstance(names, list) or len(names) != count:
+        return None
+    if not all(isinstance(n, str) and len(n) <= 1000 for n in names):
+        return None
+    return tuple(names)
+
 
 def spec_types(spec: str) -> set[str]:
     """The type names of a serialized pytree spec (``[protocol, {"type", "context",
@@ -108,4 +128,11 @@ def register_stand_ins(types: set[str]) -> list[str]:
     return done
 
 
-__all__ = ["StandIn", "register_stand_ins", "spec_types"]
+__all__ = [
+    "OUTPUTS_FILE",
+    "OUTPUT_NAMES_META",
+    "StandIn",
+    "output_names_of",
+    "register_stand_ins",
+    "spec_types",
+]
