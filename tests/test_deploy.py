@@ -295,3 +295,35 @@ def test_other_size_differs_from_example_and_tracing_size() -> None:
     assert [other_size(d) for d in (1, 2, 3, 16)] == [3, 3, 4, 24]
     assert other_size(16, upper=20) == 20
     assert other_size(64, upper=64) == 48
+
+
+def test_spec_context_naming_an_enum_is_refused_before_torch_imports_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch decodes spec contexts with a hook that imports the module an ``__enum__`` names:
+    vetting refuses such a program and the module is never imported."""
+    import zipfile
+
+    from normrewrite.load.pt2 import load_pt2
+
+    marker = tmp_path / "imported"
+    (tmp_path / "enum_payload_mod.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    src = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(nn.Linear(3, 2), (torch.randn(1, 3),)), str(src))
+    evil = tmp_path / "evil.pt2"
+    context = json.dumps({"__enum__": True, "fqn": "enum_payload_mod:E", "name": "A"})
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(evil, "w", zipfile.ZIP_STORED) as out:
+        for info in z.infolist():
+            data = z.read(info)
+            if info.filename.endswith("models/model.json"):
+                program = json.loads(data)
+                sig = program["graph_module"]["module_call_graph"][0]["signature"]
+                spec = json.loads(sig["in_spec"])
+                spec[1]["context"] = context
+                sig["in_spec"] = json.dumps(spec)
+                data = json.dumps(program).encode()
+            out.writestr(zipfile.ZipInfo(info.filename), data)
+    with pytest.raises(LoadError, match="enum"):
+        load_pt2(evil, None, seed=0)
+    assert not marker.exists()

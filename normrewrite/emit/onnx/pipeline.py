@@ -15,8 +15,9 @@ runtime     GroupNorm as InstanceNorm; onnxruntime skip     — (an input keeps 
 check       the opset is the one asked for; fp16            the same
             reductions flagged
 write       atomic write + validation (:mod:`.write`)       the same
-parity      onnxruntime vs the torch outputs (and at        onnxruntime vs the input model
-            another size with ``--dynamic``)                (before any write)
+parity      onnxruntime vs the torch outputs (and, with     onnxruntime vs the input model
+            ``--dynamic``, onnxruntime and the torch        (before any write)
+            program at another batch/sequence size)
 ==========  ==============================================  ==========================================
 
 :func:`transform` runs passes → cleanup → runtime → check. :func:`emit_program` is the in-memory
