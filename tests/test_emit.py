@@ -121,7 +121,7 @@ def test_output_format() -> None:
 
 
 def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken_save(ep: object, f: Any) -> None:  # torch.export.save gets a file object
+    def broken_save(ep: object, f: Any, **_: Any) -> None:  # torch.export.save gets a file object
         f.write(b"half a file")
         raise OSError("disk full")
 

@@ -12,6 +12,7 @@ Every output is written to a temporary name beside the destination and renamed o
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import textwrap
@@ -21,11 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.export import ExportedProgram
 from torch.fx import GraphModule
+from torch.utils import _pytree as pytree
 
 from normrewrite.emit.files import atomic_dir, atomic_file, guarded_writer
 from normrewrite.errors import EmitError, first_line
+from normrewrite.load.specs import OUTPUT_NAMES_META, OUTPUTS_FILE
 from normrewrite.trace import silenced
 from normrewrite.verify import Comparison
 
@@ -36,6 +40,7 @@ class EmitResult:
     format: str  # "pt2" | "onnx" | "dir"
     parity: Comparison | None = None  # onnxruntime vs original, for ONNX
     notes: tuple[str, ...] = ()
+    outputs: Outputs | None = None  # what a .pt2 program returns (names in order)
 
 
 def output_format(path: Path) -> str:
@@ -46,24 +51,147 @@ def output_format(path: Path) -> str:
         return "onnx"
     if s.endswith(("/", "\\")) or path.is_dir() or path.suffix == "":
         return "dir"
-    raise EmitError(f"cannot tell the output format of {path}: use .pt2, .onnx or a directory (DIR/)")
+    raise EmitError(
+        f"cannot tell the output format of {path}: use .pt2, .onnx or a directory (DIR/)"
+    )
 
 
-def export_program(gm: GraphModule, example_inputs: tuple[Any, ...], *, dynamic: bool = False) -> ExportedProgram:
+# the output contract of an emitted program, kept on its graph module (``output_names``) and
+# written into a ``.pt2`` as ``normrewrite/outputs.json``
+_OUTPUTS_META = "normrewrite.outputs"
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What an emitted program returns: ``names`` of its outputs in order (``last_hidden_state``,
+    ``pooler_output``; ``hidden_states.0`` inside a sequence; ``output`` for a lone tensor) and
+    whether they were ``flattened`` into a tuple (False: the model's own output classes kept)."""
+
+    names: tuple[str, ...]
+    flattened: bool
+
+    def to_json(self) -> str:
+        from normrewrite import __version__
+
+        return json.dumps(
+            {"normrewrite": __version__, "outputs": list(self.names), "flattened": self.flattened},
+            indent=2,
+        )
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):  # MappingKey, GetAttrKey, SequenceKey
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return pytree.keystr((key,))
+
+
+def _flatten(value: Any) -> tuple[list[Any], tuple[str, ...]]:
+    """The leaves of an output tree and their names (positions when a node type cannot name its
+    children: registered without ``flatten_with_keys_fn``)."""
+    if isinstance(value, torch.Tensor):
+        return [value], ("output",)
+    try:
+        pairs, _ = pytree.tree_flatten_with_path(value)
+    except ValueError:
+        leaves = pytree.tree_leaves(value)
+        return leaves, tuple(str(i) for i in range(len(leaves)))
+    return [v for _, v in pairs], tuple(".".join(map(_key_name, p)) for p, _ in pairs)
+
+
+class _FlatOutputs(nn.Module):
+    """``module`` with its outputs flattened into a tuple of tensors (a lone tensor stays one), to
+    be exported in its place. It shares the module's parameters, buffers, submodules and tensor
+    attributes under the same names (no ``module.`` prefix in the program's state dict), and its
+    forward has the module's signature (the program's inputs keep their names)."""
+
+    def __init__(self, module: nn.Module, flatten: bool, names: list[str]) -> None:
+        super().__init__()
+        self._parameters = module._parameters
+        self._buffers = module._buffers
+        self._non_persistent_buffers_set = module._non_persistent_buffers_set
+        self._modules = module._modules
+        for k, v in vars(module).items():
+            if isinstance(v, torch.Tensor) and not k.startswith("__"):
+                self.__dict__[k] = v  # tensor constants (``_tensor_constant0``)
+        inner = module.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            out = inner(*args, **kwargs)
+            leaves, found = _flatten(out)
+            names[:] = found  # a closure: export restores the module's own attributes
+            if not flatten or isinstance(out, torch.Tensor):
+                return out
+            return tuple(leaves)
+
+        forward.__signature__ = inspect.signature(inner)  # type: ignore[attr-defined]
+        self.__dict__["forward"] = forward
+
+
+def export_program(
+    gm: GraphModule,
+    example_inputs: tuple[Any, ...],
+    *,
+    dynamic: bool = False,
+    keep_output_classes: bool = False,
+) -> ExportedProgram:
     """A fresh ``torch.export`` program of the rewritten module (``dynamic``: batch and sequence
-    dims marked dynamic, :func:`normrewrite.trace.export_dynamic`)."""
+    dims marked dynamic, :func:`normrewrite.trace.export_dynamic`).
+
+    Its outputs are plain tensors: a model returning an output class (every ``transformers``
+    model: ``BaseModelOutput…``) or nested tuples/dicts returns the flat tuple of its tensors, so
+    the program loads with ``torch`` alone (``torch.export.load`` needs every class named in the
+    output spec registered). A lone tensor stays a tensor. ``keep_output_classes`` keeps the
+    model's own output structure. Either way, one export; the output names in order are recorded
+    (:func:`output_names`; a program loaded from a ``.pt2`` normrewrite wrote keeps the names
+    stored in it) and :func:`write_pt2` stores them in the archive."""
     from normrewrite.trace import export_dynamic
 
+    names: list[str] = []
+    wrapper = _FlatOutputs(gm, not keep_output_classes, names)
     try:
         if dynamic:
-            return export_dynamic(gm, example_inputs)
-        with warnings.catch_warnings(), silenced():
-            warnings.simplefilter("ignore")
-            return torch.export.export(gm, tuple(example_inputs), strict=False)
+            ep = export_dynamic(wrapper, example_inputs)
+        else:
+            with warnings.catch_warnings(), silenced():
+                warnings.simplefilter("ignore")
+                ep = torch.export.export(wrapper, tuple(example_inputs), strict=False)
     except Exception as e:
-        raise EmitError(f"torch.export of the rewritten model failed: {type(e).__name__}: {first_line(e)}") from e
+        raise EmitError(
+            f"torch.export of the rewritten model failed: {type(e).__name__}: {first_line(e)}"
+        ) from e
+    found = tuple(names)
+    known = gm.meta.get(OUTPUT_NAMES_META)  # a .pt2 normrewrite wrote: its flat outputs' names
+    if known and len(known) == len(found) and found == tuple(map(str, range(len(found)))):
+        found = tuple(known)
+    ep.graph_module.meta[_OUTPUTS_META] = Outputs(found, not keep_output_classes)
+    return ep
 
 
+def output_names(ep: ExportedProgram) -> Outputs | None:
+    """The outputs :func:`export_program` recorded for ``ep`` (None for other programs)."""
+    found = ep.graph_module.meta.get(_OUTPUTS_META)
+    return found if isinstance(found, Outputs) else None
+
+
+def dim_upper_bounds(ep: ExportedProgram) -> list[dict[int, int]]:
+    """Per user input of ``ep``, the largest size each bounded symbolic dim may take (its range
+    constraint; e.g. a sequence dim bounded by the model's position table)."""
+    import sympy
+
+    user = set(ep.graph_signature.user_inputs)
+    bounds: list[dict[int, int]] = []
+    for node in ep.graph.nodes:
+        if node.op != "placeholder" or node.name not in user:
+            continue
+        val, found = node.meta.get("val"), {}
+        for i, d in enumerate(getattr(val, "shape", ())):
+            expr = getattr(getattr(d, "node", None), "expr", None)
+            vr = ep.range_constraints.get(expr) if expr is not None else None
+            if vr is not None and isinstance(vr.upper, sympy.Integer):  # not int_oo
+                found[i] = int(vr.upper)
+        bounds.append(found)
+    return bounds
 
 
 # --------------------------------------------------------------------------- .pt2
@@ -71,16 +199,20 @@ def export_program(gm: GraphModule, example_inputs: tuple[Any, ...], *, dynamic:
 
 def write_pt2(ep: ExportedProgram, dest: Path) -> EmitResult:
     """``torch.export.save`` through a guarded file object: a write error (a full disk) becomes
-    one :class:`EmitError` instead of an abort in torch's C++ zip writer."""
+    one :class:`EmitError` instead of an abort in torch's C++ zip writer. The output names
+    (:class:`Outputs`) go into the archive as ``normrewrite/outputs.json`` (read them with
+    ``torch.export.load(path, extra_files={"normrewrite/outputs.json": ""})``)."""
+    outputs = output_names(ep)
+    extra = {OUTPUTS_FILE: outputs.to_json()} if outputs is not None else None
     with atomic_file(dest) as tmp:
         try:
             with guarded_writer(tmp) as f:
-                torch.export.save(ep, f)
+                torch.export.save(ep, f, extra_files=extra)
         except EmitError:
             raise
         except Exception as e:
             raise EmitError(f"writing {dest} failed: {type(e).__name__}: {first_line(e)}") from e
-    return EmitResult(str(dest), "pt2")
+    return EmitResult(str(dest), "pt2", outputs=outputs)
 
 
 # --------------------------------------------------------------------------- code + weights
@@ -159,7 +291,9 @@ def write_dir(ep: ExportedProgram, dest: Path, title: str) -> EmitResult:
         elif kind in ("constant_tensor", "custom_obj"):
             t = constants[fqn]
             if not isinstance(t, torch.Tensor):
-                raise EmitError(f"cannot write {fqn}: a {type(t).__name__} constant is not a tensor")
+                raise EmitError(
+                    f"cannot write {fqn}: a {type(t).__name__} constant is not a tensor"
+                )
         else:
             raise EmitError(f"cannot write an input of kind {kind} as code + weights")
         tensors.append((fqn, "parameter" if kind == "parameter" else "buffer"))
@@ -175,12 +309,19 @@ def write_dir(ep: ExportedProgram, dest: Path, title: str) -> EmitResult:
         save_file(_dedupe(state), str(tmp / "weights.safetensors"))
         (tmp / "model.py").write_text(
             _MODEL_PY.format(
-                title=title, version=__version__, tensors=tensors,
-                inputs=", ".join(user_inputs), n_outputs=n_out, code=code,
+                title=title,
+                version=__version__,
+                tensors=tensors,
+                inputs=", ".join(user_inputs),
+                n_outputs=n_out,
+                code=code,
             )
         )
         (tmp / "manifest.json").write_text(
-            json.dumps({"inputs": user_inputs, "outputs": n_out, "tensors": [t for t, _ in tensors]}, indent=2)
+            json.dumps(
+                {"inputs": user_inputs, "outputs": n_out, "tensors": [t for t, _ in tensors]},
+                indent=2,
+            )
         )
     return EmitResult(str(dest), "dir")
 

@@ -188,8 +188,6 @@ def run_package(path: Path | str, inputs: tuple[Any, ...]) -> list[torch.Tensor]
         return [t.cpu() for t in tensor_leaves(runner(*inputs))]
 
 
-
-
 __all__ = [
     "AOTI_SUFFIX",
     "CompileResult",

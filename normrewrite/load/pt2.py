@@ -1,6 +1,6 @@
 """Loading a ``torch.export`` program saved as ``.pt2``, and the vetting that makes it safe.
 
-``torch.export.load`` (torch 2.13) can run code from the archive in five ways; :func:`check_pt2`
+``torch.export.load`` (torch 2.13) can run code from the archive in six ways; :func:`check_pt2`
 reads the archive first and refuses each unless the caller opts in:
 
 * **expressions** — symbolic sizes, strides, offsets and ``sym_*`` values (``expr_str``) are
@@ -22,6 +22,10 @@ reads the archive first and refuses each unless the caller opts in:
 * **pickles** — payloads flagged ``use_pickle``, ``custom_obj_*``/``opaque_obj_*`` constants,
   legacy ``.pt`` weights and any ``.pt`` artifact that does not load with ``weights_only=True``:
   refused unless ``trust_pickle``.
+* **pytree specs** — the input/output specs' contexts are decoded with a hook that imports the
+  module an ``__enum__`` object names: refused. Container types named by a spec that this process
+  does not know (a ``transformers`` output class) get a generic stand-in, never an import
+  (:mod:`normrewrite.load.specs`), so every ``.pt2`` normrewrite writes loads back.
 """
 
 from __future__ import annotations
@@ -40,6 +44,13 @@ import torch
 from normrewrite.errors import LoadError, first_line
 from normrewrite.load.inputs import InputSpec, make_inputs
 from normrewrite.load.safety import SYMBOL, check_expression, check_guard, check_target
+from normrewrite.load.specs import (
+    OUTPUT_NAMES_META,
+    OUTPUTS_FILE,
+    output_names_of,
+    register_stand_ins,
+    spec_types,
+)
 
 _MAX_RATIO = 200  # a compressed entry expanding more than this is treated as a zip bomb
 _MAX_JSON = 256 * 1024 * 1024
@@ -84,11 +95,15 @@ _NATIVE_MAGIC = (
 _AOTI_DIR = "data/aotinductor/"
 
 
-def check_program_json(data: Any, where: str) -> None:
-    """Every string of a serialized program that torch evaluates, wherever it sits."""
+def check_program_json(data: Any, where: str) -> set[str]:
+    """Every string of a serialized program that torch evaluates, wherever it sits. Returns the
+    pytree type names its input/output specs use (:func:`register_stand_ins`)."""
+    types: set[str] = set()
     for key, value, parent in _walk(data):
         try:
-            if key == "expr_str":
+            if key in ("in_spec", "out_spec") and isinstance(value, str):
+                types |= spec_types(value)
+            elif key == "expr_str":
                 check_expression(value)
             elif key == "range_constraints" and isinstance(value, dict):
                 for name in value:
@@ -101,6 +116,7 @@ def check_program_json(data: Any, where: str) -> None:
                 check_target(value)
         except LoadError as e:
             raise LoadError(f"{where}: {e}; refusing (torch would evaluate it as code)") from None
+    return types
 
 
 def _walk(value: Any) -> Iterator[tuple[str, Any, dict[str, Any]]]:
@@ -120,8 +136,10 @@ def _walk(value: Any) -> Iterator[tuple[str, Any, dict[str, Any]]]:
 
 def check_pt2(
     path: str | os.PathLike[str], *, trust_pickle: bool = False, trust_native_code: bool = False
-) -> None:
-    """Refuse a ``.pt2`` archive whose loading could run code from it (see the module docs)."""
+) -> set[str]:
+    """Refuse a ``.pt2`` archive whose loading could run code from it (see the module docs).
+    Returns the pytree type names its programs' input/output specs use."""
+    types: set[str] = set()
     p = Path(path)
     try:
         zf = zipfile.ZipFile(p)
@@ -163,9 +181,10 @@ def check_pt2(
                 program = json.loads(zf.read(n))
             except (ValueError, UnicodeDecodeError) as e:
                 raise LoadError(f"{p}: {n} is not valid JSON ({first_line(e)})") from None
-            check_program_json(program, f"{p}: {n}")
+            types |= check_program_json(program, f"{p}: {n}")
         if not trust_pickle:
             _check_pickles(p, zf, names)
+    return types
 
 
 def _tail(name: str) -> str:
@@ -309,13 +328,18 @@ def load_pt2(
         raise LoadError(f"no such file: {path}")
     if not zipfile.is_zipfile(path):
         raise LoadError(f"{path}: not a torch.export program (not a .pt2 archive)")
-    check_pt2(path, trust_pickle=trust_pickle, trust_native_code=trust_native_code)
+    types = check_pt2(path, trust_pickle=trust_pickle, trust_native_code=trust_native_code)
+    register_stand_ins(types)
+    extra = {OUTPUTS_FILE: ""}
     try:
-        ep = torch.export.load(str(path))
+        ep = torch.export.load(str(path), extra_files=extra)
     except Exception as e:
         raise LoadError(
             f"{path}: cannot load torch.export program: {type(e).__name__}: {first_line(e)}"
         ) from e
+    names = output_names_of(extra[OUTPUTS_FILE], len(ep.graph_signature.user_outputs))
+    if names is not None:  # kept for the next export of this program (ep.module() copies meta)
+        ep.graph_module.meta[OUTPUT_NAMES_META] = names
     if inputs:
         example, origin = make_inputs(inputs, seed), "given"
     else:

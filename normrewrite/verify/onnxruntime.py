@@ -115,18 +115,33 @@ def relative_error(ref: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> tupl
     return cmp.max_abs_err, cmp.max_rel_err
 
 
+def other_size(d: int, upper: int | None = None) -> int:
+    """A size for a dynamic dim other than ``d`` and other than 2 when ``d`` is 1 (a size-1
+    example is traced at 2): half again, at least 3, at most ``upper`` (the program's bound, e.g.
+    a model's maximum sequence length); below ``d`` when ``d`` is at the bound."""
+    grown = max(3, d + d // 2)
+    if upper is None or grown <= upper:
+        return grown
+    return upper if upper != d else max(1, d - max(1, d // 4))
+
+
 def other_size_inputs(
-    inputs: Sequence[Any], dynamic_dims: Sequence[set[int]], seed: int = 1
+    inputs: Sequence[Any],
+    dynamic_dims: Sequence[set[int]],
+    seed: int = 1,
+    upper: Sequence[dict[int, int]] | None = None,
 ) -> tuple[Any, ...]:
-    """Example inputs with every dynamic dim grown (×2 for batch-like dims of size 1, +50%
-    otherwise): a different shape from the export example, for checking ``--dynamic`` output."""
+    """Example inputs with every dynamic dim resized (:func:`other_size`; ``upper``: per input,
+    the largest size a dim may take): a shape other than the export example's and the tracing
+    size's, for checking ``--dynamic`` output in onnxruntime and torch."""
     g = torch.Generator().manual_seed(seed)
     out: list[Any] = []
-    for t, dims in zip(inputs, dynamic_dims, strict=True):
+    bounds = list(upper) if upper is not None else [{} for _ in inputs]
+    for t, dims, up in zip(inputs, dynamic_dims, bounds, strict=True):
         if not isinstance(t, torch.Tensor) or not dims:
             out.append(t)
             continue
-        shape = [d + (1 if d == 1 else d // 2) if i in dims else d for i, d in enumerate(t.shape)]
+        shape = [other_size(d, up.get(i)) if i in dims else d for i, d in enumerate(t.shape)]
         if t.is_floating_point():
             out.append(torch.randn(shape, generator=g, dtype=torch.float32).to(t.dtype))
         else:

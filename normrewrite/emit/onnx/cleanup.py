@@ -7,6 +7,8 @@ exported or rewritten graph smaller and runnable as fused kernels.
   :func:`fold_gather_elements`;
 * :func:`optimize_keeping` — the same optimizer for a model whose weights stay on disk (``--meta``):
   no node reading one of them is ever folded into an in-memory constant;
+* :func:`rotary_caches_per_batch` — the exporter's fused ``RotaryEmbedding`` made to run at any
+  batch size;
 * :func:`groupnorm_as_instancenorm` — ``GroupNormalization`` in the form onnxruntime runs fused;
 * :func:`ort_skip_fusions` — onnxruntime's residual-add + norm ops (``--onnx-target ort``).
 
@@ -159,6 +161,57 @@ def optimize_keeping(model: ir.Model, weights: Collection[str]) -> None:
         onnxscript.optimizer.optimize_ir(model, should_fold=guard)
     except Exception as e:
         raise EmitError(f"optimizing the ONNX graph failed: {export_error(e)}") from e
+
+
+def rotary_caches_per_batch(model: ir.Model) -> int:
+    """Give every fused ``RotaryEmbedding`` (opset 23, no ``position_ids``) cos/sin caches with
+    the batch size of its input ``x``; returns how many were changed.
+
+    torch.onnx.export's optimizer fuses Hugging Face's rotary embedding
+    ``x·cos + rotate_half(x)·sin`` into ``RotaryEmbedding(x, cos, sin)``, where ``cos``/``sin``
+    are computed from ``position_ids`` of shape ``(1, S)``: they have shape ``(1, S, D/2)`` while
+    ``x`` has batch ``B``. The unfused graph broadcast them over the batch; the ONNX op instead
+    requires caches of shape ``(B, S, D/2)``, and onnxruntime refuses any other batch than 1.
+    The repair states the broadcast explicitly::
+
+        RotaryEmbedding(x, cos, sin) ← RotaryEmbedding(x, Expand(cos, [B, 1, 1]), Expand(sin, [B, 1, 1]))
+        with B = Shape(x)[0]
+
+    Exact: every batch row gets the one cache row the original broadcast to it (``Expand`` copies;
+    caches that already have batch ``B`` are left as they are by the broadcast). Passing
+    ``position_ids`` instead would need the cache as a table indexed by position, which the
+    exported graph does not have."""
+    graph, n = model.graph, 0
+    for node in list(graph):
+        if node.op_type != "RotaryEmbedding" or node.domain not in ("", "ai.onnx"):
+            continue
+        x, cos, sin = (node.inputs[i] if len(node.inputs) > i else None for i in range(3))
+        if x is None or cos is None or sin is None:
+            continue
+        if len(node.inputs) > 3 and node.inputs[3] is not None:
+            continue  # position_ids given: the caches are tables indexed by position
+        if _same_batch(x, cos) and _same_batch(x, sin):
+            continue
+        batch = ir.node("Shape", [x], attributes={"start": 0, "end": 1})
+        ones = add_initializer(graph, "rotary_cache_ones", np.ones(2, dtype=np.int64))
+        shape = ir.node("Concat", [batch.outputs[0], ones], attributes={"axis": 0})
+        cos_b = ir.node("Expand", [cos, shape.outputs[0]])
+        sin_b = ir.node("Expand", [sin, shape.outputs[0]])
+        graph.insert_before(node, [batch, shape, cos_b, sin_b])
+        node.replace_input_with(1, cos_b.outputs[0])
+        node.replace_input_with(2, sin_b.outputs[0])
+        n += 1
+    return n
+
+
+def _same_batch(x: ir.Value, cache: ir.Value) -> bool:
+    """Is the cache's dim 0 known to equal x's (the same static size or symbolic dim)?"""
+    if x.shape is None or cache.shape is None or len(x.shape) == 0 or len(cache.shape) == 0:
+        return False
+    a, b = x.shape[0], cache.shape[0]
+    if isinstance(a, int) or isinstance(b, int):
+        return a == b
+    return a.value is not None and a.value == b.value
 
 
 # --------------------------------------------------------------------------- runtime forms

@@ -13,6 +13,7 @@ from typing import Any
 import onnx_ir as ir
 
 from normrewrite.core.onnx_graph import model_opset
+from normrewrite.emit.onnx.cleanup import rotary_caches_per_batch
 from normrewrite.errors import EmitError, first_line
 
 
@@ -45,6 +46,7 @@ def export_onnx(ep: Any, opset: int, *, optimize: bool = True) -> ir.Model:
         raise EmitError(export_error(e)) from e
     model = program.model
     _static_digits(model)
+    rotary_caches_per_batch(model)  # the exporter's fused rotary op, valid at every batch
     if model_opset(model) != opset:
         raise EmitError(f"asked the exporter for opset {opset}, it wrote {model_opset(model)}")
     return model

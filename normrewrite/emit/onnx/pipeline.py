@@ -15,8 +15,9 @@ runtime     GroupNorm as InstanceNorm; onnxruntime skip     — (an input keeps 
 check       the opset is the one asked for; fp16            the same
             reductions flagged
 write       atomic write + validation (:mod:`.write`)       the same
-parity      onnxruntime vs the torch outputs (and at        onnxruntime vs the input model
-            another size with ``--dynamic``)                (before any write)
+parity      onnxruntime vs the torch outputs (and, with     onnxruntime vs the input model
+            ``--dynamic``, onnxruntime and the torch        (before any write)
+            program at another batch/sequence size)
 ==========  ==============================================  ==========================================
 
 :func:`transform` runs passes → cleanup → runtime → check. :func:`emit_program` is the in-memory
@@ -206,30 +207,43 @@ def emit_program(
             if check is not None:
                 check(same)
         if options.dynamic and module is not None and reference is not None and measurable:
-            other, shapes = _other_size(model, tmp, inputs, module)
-            notes.append(f"dynamic axes checked at {shapes}: max rel err {other.max_rel_err:.3g}")
+            other, in_torch, shapes = _other_size(model, tmp, inputs, module, ep)
+            notes.append(
+                f"dynamic axes checked at {shapes}: max rel err {other.max_rel_err:.3g} "
+                f"(onnxruntime), {in_torch.max_rel_err:.3g} (torch program)"
+            )
             if check is not None:
                 check(other)
+                check(in_torch)
     return OnnxEmitted(str(dest), same, other, notes, count_nodes(model), model_opset(model))
 
 
 def _other_size(
-    model: ir.Model, path: Path, inputs: Sequence[Any], module: Any
-) -> tuple[Comparison, str]:
+    model: ir.Model, path: Path, inputs: Sequence[Any], module: Any, ep: Any
+) -> tuple[Comparison, Comparison, str]:
+    """The ONNX model and the torch program ``ep`` (the ``.pt2`` of the same run) against the
+    original at a batch and sequence size other than the example's (within the program's
+    bounds): (onnxruntime, torch, the shapes)."""
+    from normrewrite.emit import dim_upper_bounds
+
     dims = symbolic_dims(model)
     if not any(dims):
         raise EmitError("--dynamic: the exported model has no symbolic dimension")
-    bigger = other_size_inputs(inputs, dims)
-    try:
-        got = ort_outputs(path, bigger)
-    except EmitError:
-        raise
-    except Exception as e:
-        raise EmitError(
-            f"--dynamic: the ONNX model does not run at other input sizes: {first_line(e)}"
-        ) from e
+    bigger = other_size_inputs(inputs, dims, upper=dim_upper_bounds(ep))
+    reference = run(module, bigger)
+    found = []
+    for name, runner in (("ONNX model", lambda: ort_outputs(path, bigger)),
+                         ("torch program", lambda: run(ep.module(), bigger))):  # fmt: skip
+        try:
+            found.append(parity(reference, runner()))
+        except EmitError:
+            raise
+        except Exception as e:
+            raise EmitError(
+                f"--dynamic: the {name} does not run at other input sizes: {first_line(e)}"
+            ) from e
     shapes = ", ".join("x".join(map(str, t.shape)) for t in bigger if hasattr(t, "shape"))
-    return parity(run(module, bigger), got), shapes
+    return found[0], found[1], shapes
 
 
 # --------------------------------------------------------------------------- ONNX in
