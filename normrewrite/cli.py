@@ -14,13 +14,13 @@ import signal
 import sys
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
 from rich.console import Console
-from rich.table import Table
 
+from normrewrite.cli_render import console
 from normrewrite.errors import NormRewriteError
 from normrewrite.load.inputs import MAX_INPUT_BYTES, InputSpec, check_input_size, input_limit
 
@@ -31,13 +31,24 @@ def _specs(values: tuple[str, ...], max_bytes: int = MAX_INPUT_BYTES) -> list[In
     return specs or None
 
 
-def _quiet_libraries() -> None:
-    """Library warnings, logs and progress bars stay out of normrewrite's own output."""
+@contextlib.contextmanager
+def _quiet_libraries(debug: bool) -> Iterator[None]:
+    """Library warnings, logs (torch's fake-tensor and export error logs included) and progress
+    bars stay out of normrewrite's own output for the command: a failure prints its one line
+    alone. ``--debug`` leaves them on."""
+    if debug:
+        yield
+        return
     _silence_progress()
-    warnings.filterwarnings("ignore")
-    for name in ("torch", "torch.export", "torch.onnx", "onnxscript", "transformers", "torch._dynamo"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    previous = logging.root.manager.disable
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            logging.disable(previous)
 
 
 def _silence_progress() -> None:
@@ -150,6 +161,8 @@ _native_opt = click.option(
 @click.option("--keep-training-mode", is_flag=True,
               help="trace as is instead of switching a model in training mode to eval")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed for random example inputs")
+@click.option("--fail-if-unchanged", is_flag=True,
+              help="exit 1 (before writing anything) when no pass changed the model")
 @click.option("-q", "--quiet", is_flag=True, help="print nothing but errors")
 @click.option("--meta", is_flag=True,
               help="for models larger than memory: trace on the meta device and stream the weights "
@@ -174,6 +187,7 @@ def convert(
     debug: bool, compile_: str | None = None, device: str = "cpu", onnx_target: str = "standard",
     dynamic: bool = False, onnx_dtype: str = "float32", keep_io_types: bool = False,
     trust_native_code: bool = False, max_input_bytes: int = MAX_INPUT_BYTES,
+    fail_if_unchanged: bool = False,
 ) -> None:
     """Rewrite MODEL with passes and write it to each -o output.
 
@@ -183,16 +197,14 @@ def convert(
     The passes: normrewrite passes; one pass's options (type, default, meaning), what it
     matches and whether it is exact: normrewrite passes NAME.
     """
-    if not debug:
-        _quiet_libraries()
     if quiet:
         _silence_progress()
-    out = Console(quiet=quiet, highlight=False)
-    err = Console(stderr=True, quiet=quiet, highlight=False)
+    out = console(quiet=quiet)
+    err = console(stderr=True, quiet=quiet)
 
     def go() -> None:
         from normrewrite import api
-        from normrewrite.report import render
+        from normrewrite.cli_render import render_report
 
         specs = _specs(inputs, max_input_bytes)
         passes = list(pass_specs) or ["fold-bn"]
@@ -209,7 +221,7 @@ def convert(
         if meta:
             _stream(model, passes, outputs, force=force, max_shard_size=max_shard_size,
                     trust_remote_code=trust_remote_code, err=err, out=out, onnx_options=onnx_options,
-                    report_path=report_path)
+                    report_path=report_path, fail_if_unchanged=fail_if_unchanged)
             return
 
         def after(p: Any, r: Any) -> None:
@@ -225,12 +237,12 @@ def convert(
                 verify_each=verify_each, after_change=after, trust_pickle=trust_pickle,
                 on_stage=lambda s: status.update(s), compile=compile_, device=device,
                 onnx_options=onnx_options, trust_native_code=trust_native_code,
-                report_path=report_path,
+                report_path=report_path, fail_if_unchanged=fail_if_unchanged,
             )
-        render(result.report, out)
+        render_report(result.report, out)
 
     def limited() -> None:
-        with input_limit(max_input_bytes):
+        with input_limit(max_input_bytes), _quiet_libraries(debug):
             go()
 
     _run(debug, limited)
@@ -238,19 +250,18 @@ def convert(
 
 def _stream(model: str, passes: list[str], outputs: tuple[str, ...], *, force: bool,
             max_shard_size: int, trust_remote_code: bool, err: Console, out: Console,
-            onnx_options: Any, report_path: str | None) -> None:
+            onnx_options: Any, report_path: str | None, fail_if_unchanged: bool) -> None:
     """``--meta``: the pipeline's streamed configuration, with a progress bar."""
     from normrewrite import api
     from normrewrite.cli_progress import ProgressBar
+    from normrewrite.cli_render import render_streamed
 
     with ProgressBar(not err.quiet, err) as bar:
         result = api.convert(model, passes, meta=True, outputs=outputs, force=force,
                              max_shard_size=max_shard_size, trust_remote_code=trust_remote_code,
-                             onnx=onnx_options, report_path=report_path, progress=bar)
-    for p in result.report.passes:
-        out.print(f"[bold]{p.spec}[/]: {len(p.changes)} changes")
-    for line in result.summary:
-        out.print(f"  {line}" if line is not result.summary[-1] else line, markup=False)
+                             onnx=onnx_options, report_path=report_path, progress=bar,
+                             fail_if_unchanged=fail_if_unchanged)
+    render_streamed(result.report, result.summary, out)
 
 
 @main.command()
@@ -267,11 +278,10 @@ def inspect(model: str, inputs: tuple[str, ...], tracer: str, as_json: bool,
             trust_remote_code: bool, trust_pickle: bool, debug: bool,
             trust_native_code: bool = False, max_input_bytes: int = MAX_INPUT_BYTES) -> None:
     """List MODEL's norm layers and what each pass could do with them."""
-    if not debug:
-        _quiet_libraries()
 
     def go() -> None:
         from normrewrite import api
+        from normrewrite.cli_render import render_inspect
 
         result = api.inspect(model, input_specs=_specs(inputs, max_input_bytes), tracer=tracer,
                              trust_remote_code=trust_remote_code, trust_pickle=trust_pickle,
@@ -279,33 +289,10 @@ def inspect(model: str, inputs: tuple[str, ...], tracer: str, as_json: bool,
         if as_json:
             click.echo(json.dumps(result.to_json(), indent=2, default=str))
             return
-        console = Console(highlight=False)
-        console.print(f"[bold]{result.model}[/]  traced with {result.tracer}, inputs {', '.join(result.inputs)}, "
-                      f"{result.nodes} ops, {len(result.norms)} norm layers")
-        table = Table()
-        for col in ("block", "name", "type", "placement", "shape", "eps", "what passes could do"):
-            table.add_column(col)
-        previous = None
-        for n in result.norms:
-            acts = "\n".join(f"{k}: {v}" for k, v in n.actions.items()) or "-"
-            block = n.block or "-"
-            table.add_row("" if block == previous else block, n.name, n.type, n.placement,
-                          "x".join(map(str, n.shape)) if n.shape else "?",
-                          "-" if n.eps is None else f"{n.eps:g}", acts)
-            previous = block
-        console.print(table)
-        si = result.scale_invariance
-        if si:
-            names = [f"{p['name']}" + (" (batch stats)" if p["condition"] == "batch-stats" else "")
-                     for p in si["scale_invariant"]]
-            shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
-            console.print(f"scale invariance: {si['summary']}" + (f"; invariant: {shown}" if names else ""),
-                          markup=False)
-            for u in si["undecided"][:6]:
-                console.print(f"  undecided {u['name']}: {u['reason']}", markup=False)
+        render_inspect(result, console())
 
     def limited() -> None:
-        with input_limit(max_input_bytes):
+        with input_limit(max_input_bytes), _quiet_libraries(debug):
             go()
 
     _run(debug, limited)
@@ -316,44 +303,14 @@ def inspect(model: str, inputs: tuple[str, ...], tracer: str, as_json: bool,
 def list_passes(name: str | None) -> None:
     """List the available passes, or explain one: normrewrite passes NAME shows what it matches,
     whether it is exact, and its options (type, default, meaning)."""
+    from normrewrite.cli_render import pass_help_text, render_passes
     from normrewrite.core.pass_help import pass_help
     from normrewrite.passes import ONNX_REGISTRY, REGISTRY
 
     if name is not None:
-        _run(False, lambda: click.echo(_pass_help_text(pass_help(REGISTRY.get(name)), name in ONNX_REGISTRY)))
+        _run(False, lambda: click.echo(pass_help_text(pass_help(REGISTRY.get(name)), name in ONNX_REGISTRY)))
         return
-    console = Console(highlight=False)
-    table = Table(show_header=True)
-    table.add_column("pass")
-    table.add_column("kind")
-    table.add_column("options")
-    table.add_column("what it does")
-    for p in REGISTRY:
-        options = ", ".join(o.name for o in pass_help(p).options) or "-"
-        table.add_row(p.name, "exact" if p.exact else "approximate", options, p.summary)
-    console.print(table)
-    console.print("normrewrite passes NAME: what a pass matches and its options")
-
-
-def _pass_help_text(h: Any, on_onnx: bool) -> str:
-    """``normrewrite passes NAME`` as plain text (full lines whatever the terminal)."""
-    kind = (
-        "exact: preserves the model's function up to float rounding (verified; beyond --rtol "
-        "nothing is written)"
-        if h.exact
-        else "approximate: changes the model; the report gives the measured output difference"
-    )
-    lines = [f"{h.name}: {h.summary}", "", f"kind: {kind}",
-             f"usage: -p {h.name}" + ("[:option=value,...]" if h.options else "")]
-    if on_onnx:
-        lines.append("also runs on .onnx inputs (its ONNX form)")
-    lines += ["", "options:" if h.options else "options: none"]
-    for o in h.options:
-        lines.append(f"  {o.name}  {o.type}  (default: {o.default})")
-        lines += [f"      {line}" for line in o.meaning.splitlines()]
-    lines += ["", "what it matches, its identity and preconditions:"]
-    lines += [f"  {line}".rstrip() for line in h.description.splitlines()]
-    return "\n".join(lines)
+    render_passes(REGISTRY, console())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,12 +21,14 @@ from rich.progress import Progress as RichProgress
 class ProgressBar:
     """A context manager: the bar appears at the conversion's first stage (so an input refused
     while loading prints its one-line error alone) and stays until the ``with`` block ends;
-    nothing when ``enabled`` is false."""
+    nothing when ``enabled`` is false or the console is not a terminal (a pipe or a CI log
+    would only get the bar's last frame, and before an error line)."""
 
     def __init__(self, enabled: bool, console: Console | None = None) -> None:
         self.bar: RichProgress | None = None
         self.task: Any = None
-        if enabled:
+        console = console or Console(stderr=True)
+        if enabled and console.is_terminal:
             self.bar = RichProgress(
                 SpinnerColumn(),
                 TextColumn("{task.description}"),
@@ -35,7 +37,7 @@ class ProgressBar:
                 TransferSpeedColumn(),
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
-                console=console or Console(stderr=True),
+                console=console,
                 transient=False,
             )
 

@@ -44,6 +44,11 @@ class EmitError(NormRewriteError):
     """The rewritten model could not be written in the requested format."""
 
 
+class UnchangedError(NormRewriteError):
+    """``fail_if_unchanged`` (``--fail-if-unchanged``): no pass changed the model; nothing is
+    written (the outputs would be valid, but a pipeline asked to fail instead)."""
+
+
 def first_line(e: BaseException, limit: int = 300) -> str:
     """The first non-empty line of an exception's message, white space folded, at most ``limit``
     characters: what a one-line error may quote of a library's (often multi-page) message."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ def trace(
             if tracer == "fx":
                 raise TraceError(
                     f"torch.fx.symbolic_trace failed: {type(e).__name__}: {first_line(e)}"
+                    + integer_ids_hint(module, example_inputs, e)
                 ) from e
             notes.append(
                 f"symbolic_trace failed ({type(e).__name__}: {first_line(e)}); used torch.export"
@@ -68,8 +70,31 @@ def trace(
     try:
         gm = _export(module, example_inputs, dynamic=dynamic)
     except Exception as e:
-        raise TraceError(f"torch.export failed: {type(e).__name__}: {first_line(e)}") from e
+        raise TraceError(
+            f"torch.export failed: {type(e).__name__}: {first_line(e)}"
+            + integer_ids_hint(module, example_inputs, e)
+        ) from e
     return Traced(gm, "export", notes)
+
+
+_INDEX_ERROR = re.compile(r"\bindices\b|embedding", re.IGNORECASE)
+_INTEGER_EXPECTED = re.compile(r"\b(Long|Int)\b")
+
+
+def integer_ids_hint(module: nn.Module, example_inputs: tuple[Any, ...], e: BaseException) -> str:
+    """A hint appended to a tracing error when a floating-point example input probably feeds an
+    embedding (token ids given as ``--input 1x16`` instead of ``--input 1x16:int64``): the error
+    speaks of indices or an embedding, or the model has an ``nn.Embedding`` and the error asks for
+    ``Long``/``Int``. Empty otherwise."""
+    floats = [t for t in example_inputs if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not floats:
+        return ""
+    text = str(e)
+    embeds = any(isinstance(m, nn.Embedding) for m in module.modules())
+    if not (_INDEX_ERROR.search(text) or (embeds and _INTEGER_EXPECTED.search(text))):
+        return ""
+    shape = "x".join(map(str, floats[0].shape))
+    return f" (token ids need an integer dtype: --input {shape}:int64)"
 
 
 def _fx(module: nn.Module, example_inputs: tuple[Any, ...]) -> GraphModule:

@@ -177,7 +177,20 @@ BAD = [
         lambda d, p: (str(_write(d, "m.pt", b"\x80\x04junk")), []),
         "refusing to unpickle",
     ),
-    Bad("existing-output", lambda d, p: (str(p), []), "exists; pass --force", output="exists.pt2"),
+    Bad(
+        "existing-output",
+        lambda d, p: (str(p), []),
+        "exists; pass --force",
+        exit_code=2,
+        output="exists.pt2",
+    ),
+    Bad(
+        "missing-output-dir",
+        lambda d, p: (str(p), []),
+        "does not exist",
+        exit_code=2,
+        output="no/such/dir/out.pt2",
+    ),
     Bad(
         "output-is-input",
         lambda d, p: (str(_copy(p, d)), ["--force"]),
@@ -221,6 +234,76 @@ def test_bad_input_fails_cleanly(bad: Bad, tmp_path: Path, program: Path) -> Non
         assert model_file.read_bytes() == before, "the input changed"
     if bad.id == "existing-output":
         assert out.read_bytes() == b"precious"
+
+
+# --------------------------------------------------------------------------- no changes
+
+
+def test_a_pass_that_changes_nothing_says_so(tmp_path: Path) -> None:
+    """fuse-norm on a CNN: exit 0, the (valid) output is written, the report says "no changes"
+    for the pass and for the run; fold-bn in the same run changes it, so the run is not."""
+    out = tmp_path / "m.pt2"
+    r = cli("convert", f"{EXAMPLE}:build", "-p", "fuse-norm", "-o", out)
+    assert r.exit_code == 0, r.output
+    [row] = [line for line in r.stdout.splitlines() if "fuse-norm" in line]
+    assert "no changes" in row
+    assert "no changes: no pass changed the model" in r.stdout
+    assert torch.export.load(str(out)) is not None
+    r = cli("convert", f"{EXAMPLE}:build", "-p", "fuse-norm", "-p", "fold-bn", "-o", out, "--force")
+    assert r.exit_code == 0, r.output
+    assert "no changes: no pass" not in r.stdout
+    assert "no changes" in next(line for line in r.stdout.splitlines() if "fuse-norm" in line)
+
+
+def test_fail_if_unchanged_fails_before_writing(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    args = ["-o", work / "m.pt2", "-o", work / "m.onnx", "--report", work / "r.json"]
+    r = cli("convert", f"{EXAMPLE}:build", "-p", "fuse-norm", *args, "--fail-if-unchanged")
+    assert r.exit_code == 1
+    [line] = r.stderr.strip().splitlines()
+    assert line == (
+        "Error: no changes: fuse-norm left the model unchanged (--fail-if-unchanged); nothing written"
+    )
+    assert r.stdout == "" and list(work.iterdir()) == []
+    r = cli("convert", f"{EXAMPLE}:build", "-p", "fold-bn", *args, "--fail-if-unchanged", "-q")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in work.iterdir()) == ["m.onnx", "m.pt2", "r.json"]
+
+
+def test_fail_if_unchanged_on_onnx_inputs(tmp_path: Path) -> None:
+    """ONNX in → ONNX out: no BatchNorm to fold; refused, nothing written."""
+    import normrewrite
+    from normrewrite.errors import UnchangedError
+
+    src = tmp_path / "lin.onnx"
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
+    normrewrite.convert(model, [], (torch.randn(2, 4),), outputs=[src])
+    before = set(tmp_path.iterdir())
+    out = tmp_path / "out.onnx"
+    with pytest.raises(UnchangedError, match="fold-bn left the model unchanged"):
+        normrewrite.convert(src, ["fold-bn"], outputs=[out], fail_if_unchanged=True)
+    assert set(tmp_path.iterdir()) == before
+    normrewrite.convert(src, ["fold-bn"], outputs=[out])  # without the flag: written, unchanged
+    assert out.exists()
+
+
+def test_fail_if_unchanged_with_meta(tmp_path: Path) -> None:
+    """--meta: BERT has no BatchNorm; exit 1, no output directory; without the flag "no changes"."""
+    from models import bert
+
+    src = tmp_path / "bert"
+    bert(layers=1).save_pretrained(src)
+    out = tmp_path / "out"
+    r = cli("convert", src, "--meta", "-p", "fold-bn", "-o", f"{out}/", "--fail-if-unchanged")
+    assert r.exit_code == 1
+    [line] = r.stderr.strip().splitlines()
+    assert "no changes: fold-bn left the model unchanged" in line
+    assert not out.exists()
+    r = cli("convert", src, "--meta", "-p", "fold-bn", "-o", f"{out}/")
+    assert r.exit_code == 0, r.output
+    assert "fold-bn: no changes" in r.stdout and "no pass changed the model" in r.stdout
+    assert (out / "config.json").exists()
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:

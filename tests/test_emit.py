@@ -178,8 +178,8 @@ def test_check_output(tmp_path: Path) -> None:
         check_output(src, force=True, inputs=(src,))
     with pytest.raises(UsageError, match="contains the input"):
         check_output(tmp_path, force=True, inputs=(src,))  # a DIR output holding the input
-    with pytest.raises(EmitError, match="exists; pass --force"):
+    with pytest.raises(UsageError, match="exists; pass --force"):
         check_output(src, force=False)
-    with pytest.raises(EmitError, match="does not exist"):
+    with pytest.raises(UsageError, match="does not exist"):
         check_output(tmp_path / "no" / "out.pt2", force=False)
     check_output(tmp_path / "new.pt2", force=False)

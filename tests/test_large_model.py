@@ -289,7 +289,7 @@ def test_cli_meta(tmp_path: Path) -> None:
     got, orig = _read_dir(out), _read_dir(src)
     assert set(got) == set(orig) and all(torch.equal(got[k], orig[k]) for k in orig)
     r = CliRunner().invoke(main, ["convert", str(src), "--meta", "-o", f"{out}/"])
-    assert r.exit_code == 1 and "exists" in r.output
+    assert r.exit_code == 2 and "exists" in r.output  # a usage error
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -415,7 +415,7 @@ def test_meta_onnx_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mo
     """A failure after the external data was written (here: validation) leaves no file behind;
     an existing output is not overwritten without force."""
     from normrewrite.emit.onnx import pipeline
-    from normrewrite.errors import EmitError
+    from normrewrite.errors import EmitError, UsageError
 
     model = _llama(causal=False)
     src = tmp_path / "src"
@@ -431,7 +431,7 @@ def test_meta_onnx_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
     monkeypatch.undo()
     (tmp_path / "out.onnx.data").write_bytes(b"keep")
-    with pytest.raises(EmitError, match="exists"):
+    with pytest.raises(UsageError, match="exists"):
         stream.convert_checkpoint_onnx(src, ["fuse-norm"], tmp_path / "out.onnx")
     assert (tmp_path / "out.onnx.data").read_bytes() == b"keep"
 
@@ -453,7 +453,7 @@ def test_cli_meta_onnx(tmp_path: Path) -> None:
     got = _ort_logits(out, ids)
     assert abs(got - want).max() <= 1e-5 * abs(want).max()
     r = CliRunner().invoke(main, args)
-    assert r.exit_code == 1 and "exists" in r.output
+    assert r.exit_code == 2 and "exists" in r.output  # a usage error
     r = CliRunner().invoke(main, ["convert", str(src), "--meta", "-o", str(tmp_path / "x.pt2")])
     assert r.exit_code != 0 and "--meta" in r.output
 

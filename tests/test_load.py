@@ -136,7 +136,10 @@ def _hf_copy(
     ("change", "message"),
     [
         ("auto_map", "refusing to run it without --trust-remote-code"),
-        ("unknown_arch", "has no class 'NoSuchModelXyz'"),
+        ("unknown_arch", "has no model class 'NoSuchModelXyz' for model_type 'resnet'"),
+        ("not_a_model_class", "has no model class 'ResNetConfig'"),  # a class, not a model
+        ("module_attribute", "has no model class 'torch'"),  # modeling_resnet imports torch
+        ("not_a_name", "has no model class 'os.system'"),
         ("no_arch", "no 'architectures' entry"),
         ("not_object", "expected a JSON object"),
         ("no_weights", "no model.safetensors weights"),
@@ -152,6 +155,12 @@ def test_hf_refusals(change: str, message: str, hf_dirs: dict[str, Path], tmp_pa
         _hf_copy(src, d, config={**cfg, "auto_map": {"AutoModel": "modeling.Model"}})
     elif change == "unknown_arch":
         _hf_copy(src, d, config={**cfg, "architectures": ["NoSuchModelXyz"]})
+    elif change == "not_a_model_class":
+        _hf_copy(src, d, config={**cfg, "architectures": ["ResNetConfig"]})
+    elif change == "module_attribute":
+        _hf_copy(src, d, config={**cfg, "architectures": ["torch"]})
+    elif change == "not_a_name":
+        _hf_copy(src, d, config={**cfg, "architectures": ["os.system"]})
     elif change == "no_arch":
         _hf_copy(src, d, config={k: v for k, v in cfg.items() if k != "architectures"})
     elif change == "not_object":
@@ -166,6 +175,74 @@ def test_hf_refusals(change: str, message: str, hf_dirs: dict[str, Path], tmp_pa
         _hf_copy(src, d, drop=("config.json",))
     with pytest.raises(LoadError, match=message):
         load(d)
+
+
+def _whisper_encoder_dir(path: Path) -> nn.Module:
+    """A small WhisperEncoder saved with save_pretrained: its class lives only in
+    transformers.models.whisper.modeling_whisper, not at transformers' top level."""
+    import transformers
+    from models import randomize_norms
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    assert not hasattr(transformers, "WhisperEncoder")
+    torch.manual_seed(0)
+    cfg = transformers.WhisperConfig(
+        d_model=32,
+        encoder_layers=2,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_layers=1,
+        decoder_attention_heads=2,
+        decoder_ffn_dim=64,
+        num_mel_bins=8,
+        max_source_positions=16,
+        max_target_positions=16,
+        vocab_size=100,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+        decoder_start_token_id=0,
+    )
+    model = randomize_norms(WhisperEncoder(cfg)).eval()
+    model.save_pretrained(path)
+    assert json.loads((path / "config.json").read_text())["architectures"] == ["WhisperEncoder"]
+    return model
+
+
+def test_hf_class_found_through_the_model_type_registry(tmp_path: Path) -> None:
+    """``architectures: [WhisperEncoder]`` (model_type whisper) resolves through transformers'
+    model-type registry and converts end to end; the written program matches the original."""
+    from click.testing import CliRunner
+
+    from normrewrite.cli import main
+
+    model = _whisper_encoder_dir(tmp_path / "enc")
+    out, report = tmp_path / "enc.pt2", tmp_path / "r.json"
+    r = CliRunner().invoke(
+        main,
+        [
+            "convert",
+            str(tmp_path / "enc"),
+            "--input",
+            "1x8x32",
+            "-p",
+            "fuse-norm",
+            "-o",
+            str(out),
+            "--report",
+            str(report),
+        ],
+        catch_exceptions=False,
+    )
+    assert r.exit_code == 0, r.output
+    rep = json.loads(report.read_text())
+    assert rep["model"].startswith("WhisperEncoder") and rep["source"] == "hf"
+    assert rep["verify"]["passed"] is True
+    x = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model.double()(x.double()).last_hidden_state
+        got = torch.export.load(str(out)).module()(x)[0]
+    assert float((got.double() - want).abs().max() / want.abs().max()) <= 1e-5
 
 
 # ------------------------------------------------ config against checkpoint (issue 10, items 8, 10)

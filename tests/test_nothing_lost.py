@@ -62,12 +62,12 @@ def test_existing_output_needs_force(tmp_path: Path, factory: Path) -> None:
     out = tmp_path / "out.pt2"
     out.write_bytes(b"precious")
     code, msg = _cli("convert", f"{factory}:build", "-o", str(out), "-q")
-    assert code == 1 and "--force" in msg
+    assert code == 2 and "--force" in msg  # a usage error
     assert out.read_bytes() == b"precious"
     (tmp_path / "outdir").mkdir()
     (tmp_path / "outdir" / "keep.txt").write_text("keep")
     code, msg = _cli("convert", f"{factory}:build", "-o", str(tmp_path / "outdir") + "/", "-q")
-    assert code == 1 and (tmp_path / "outdir" / "keep.txt").read_text() == "keep"
+    assert code == 2 and (tmp_path / "outdir" / "keep.txt").read_text() == "keep"
     code, msg = _cli("convert", f"{factory}:build", "-o", str(out), "-q", "--force")
     assert code == 0, msg
     assert out.read_bytes()[:2] == b"PK"  # replaced by a real program
@@ -80,7 +80,7 @@ def test_report_is_not_overwritten_without_force(tmp_path: Path, factory: Path) 
     code, _ = _cli(
         "convert", f"{factory}:build", "-o", str(tmp_path / "o.pt2"), "--report", str(report), "-q"
     )
-    assert code == 1 and report.read_text() == "old" and not (tmp_path / "o.pt2").exists()
+    assert code == 2 and report.read_text() == "old" and not (tmp_path / "o.pt2").exists()
 
 
 def test_inputs_never_modified(tmp_path: Path, factory: Path) -> None:

@@ -5,8 +5,9 @@
   work, an output (model, report, directory, external-data companion) that is, contains or lies
   inside one of them, and outputs that coincide or nest (:class:`~normrewrite.errors.UsageError`,
   exit 2). Paths are compared resolved (symbolic links, ``..``).
-* :func:`check_output` refuses an existing output without ``force``, a missing or unwritable
-  output directory.
+* :func:`check_output` refuses an existing output without ``force`` and a missing output
+  directory (:class:`~normrewrite.errors.UsageError`, exit 2: the command line names them), and an
+  unwritable output directory (:class:`~normrewrite.errors.EmitError`, exit 1).
 * :func:`atomic_file` / :func:`atomic_dir` write beside the destination; inside a
   :func:`transaction` they *stage* the result, and the transaction renames every staged output
   into place in one step at its end, with SIGINT/SIGTERM held back: either every output of the
@@ -148,14 +149,14 @@ def plan_outputs(
 
 def check_output(dest: Path, *, force: bool, inputs: tuple[Path, ...] = ()) -> None:
     """Refuse an output onto an input (:func:`plan_outputs`), an existing output without
-    ``force``, and a missing or unwritable output directory."""
+    ``force`` or in a missing directory (usage errors), and an unwritable output directory."""
     if inputs:
         plan_outputs([dest], inputs=inputs)
     if dest.exists() and not force:
-        raise EmitError(f"output {dest} exists; pass --force to replace it")
+        raise UsageError(f"output {dest} exists; pass --force to replace it")
     parent = dest.parent if str(dest.parent) else Path(".")
     if not parent.is_dir():
-        raise EmitError(f"output directory {parent} does not exist")
+        raise UsageError(f"output directory {parent} does not exist")
     try:
         with tempfile.TemporaryFile(dir=parent):
             pass

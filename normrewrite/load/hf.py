@@ -15,6 +15,7 @@ tensor, plus :data:`BUDGET_SLACK`) and aborted beyond that.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -75,10 +76,15 @@ def read_config(path: Path, *, trust_remote_code: bool) -> tuple[Any, type, str]
     except ImportError as e:
         raise LoadError("loading a Hugging Face directory needs the 'transformers' package") from e
     arch = str(archs[0])
-    cls = getattr(transformers, arch, None)
-    if not isinstance(cls, type):
+    cls = model_class(transformers, arch, cfg.get("model_type"))
+    if cls is None:
         raise LoadError(
-            f"{cfg_file}: transformers {transformers.__version__} has no class {arch!r}"
+            f"{cfg_file}: transformers {transformers.__version__} has no model class {arch!r}"
+            + (
+                f" for model_type {cfg['model_type']!r}"
+                if isinstance(cfg.get("model_type"), str)
+                else ""
+            )
         )
     try:
         config = transformers.AutoConfig.from_pretrained(
@@ -91,6 +97,39 @@ def read_config(path: Path, *, trust_remote_code: bool) -> tuple[Any, type, str]
     if hasattr(config, "use_cache"):
         config.use_cache = False  # no cache objects in traced outputs
     return config, cls, arch
+
+
+def model_class(transformers: Any, arch: str, model_type: Any) -> type | None:
+    """The ``transformers`` model class named ``arch``: exported at the top level, or else found
+    through transformers' own model-type registry — ``model_type`` → the package
+    ``transformers.models.<module>`` (``configuration_auto.model_type_to_module_name``) and its
+    ``modeling_<module>`` module, where classes such as ``WhisperEncoder`` live. Only installed
+    transformers code is imported (no remote code, no network); anything but a
+    ``PreTrainedModel`` subclass is None."""
+    if not arch.isidentifier():
+        return None
+    found = getattr(transformers, arch, None)
+    if found is None and isinstance(model_type, str):
+        from transformers.models.auto.configuration_auto import (
+            CONFIG_MAPPING_NAMES,
+            model_type_to_module_name,
+        )
+
+        if model_type in CONFIG_MAPPING_NAMES:  # a registered type: its module name is known
+            name = model_type_to_module_name(model_type)
+            for module in (
+                f"transformers.models.{name}",
+                f"transformers.models.{name}.modeling_{name}",
+            ):
+                try:
+                    found = getattr(importlib.import_module(module), arch, None)
+                except ImportError:
+                    found = None
+                if found is not None:
+                    break
+    if isinstance(found, type) and issubclass(found, transformers.PreTrainedModel):
+        return found
+    return None
 
 
 def build_on_meta(

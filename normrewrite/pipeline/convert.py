@@ -28,7 +28,7 @@ from normrewrite.core.pass_infra import Pass, PassContext, PassManager, PassResu
 from normrewrite.emit.aoti import check_compile_options, output_formats, write_aoti
 from normrewrite.emit.files import transaction
 from normrewrite.emit.onnx.options import DTYPE_RTOL
-from normrewrite.errors import UsageError, VerifyError
+from normrewrite.errors import UnchangedError, UsageError, VerifyError
 from normrewrite.load.inputs import describe
 from normrewrite.passes import ONNX_REGISTRY, REGISTRY
 from normrewrite.pipeline.options import ConvertOptions, Hooks
@@ -76,6 +76,7 @@ def _convert_onnx_file(src: Path, options: ConvertOptions, hooks: Hooks) -> Conv
             input_shapes=shapes, verify=options.verify, rtol=options.rtol_for(onnx_input=True),
             seed=options.seed, stage=hooks.on_stage,
         )
+        _check_changed(report, options)  # inside the transaction: nothing is committed
         if options.report_path is not None:
             save_report(report, options.report_path)
     return ConvertResult(None, report, None, (), onnx_model=model)
@@ -107,6 +108,7 @@ def _convert_streamed(model: ModelLike, options: ConvertOptions, hooks: Hooks) -
             summary = [f"wrote {s.tensors} tensors ({s.bytes_written / 1e9:.2f} GB) in {len(s.shards)} "
                        f"shards to {s.out_dir} in {s.seconds['total']:.1f} s"]
             report = s.report
+        _check_changed(report, options)  # inside the transaction: nothing is committed
         if options.report_path is not None:
             save_report(report, options.report_path)
     return ConvertResult(None, report, None, (), summary=summary)
@@ -170,6 +172,7 @@ def _convert_in_memory(
                                         r.notes, round(run_.seconds, 4)))
     gm = result.graph_module
     report.nodes_after = count_ops(gm)
+    _check_changed(report, options)  # before verifying and writing anything
 
     if options.verify and reference is not None:
         with _timed(timings, "verify"):
@@ -201,6 +204,14 @@ def _convert_in_memory(
             save_report(report, options.report_path)  # committed with the outputs, in one step
     report.seconds = {k: round(v, 3) for k, v in timings.items()}
     return conv
+
+
+def _check_changed(report: Report, options: ConvertOptions) -> None:
+    """``fail_if_unchanged``: refuse a run in which no pass changed the model."""
+    if options.fail_if_unchanged and not any(p.modified for p in report.passes):
+        names = ", ".join(p.spec for p in report.passes) or "no passes"
+        raise UnchangedError(f"no changes: {names} left the model unchanged (--fail-if-unchanged); "
+                             "nothing written")
 
 
 def _verify(report: Report, reference: list[Any], got: list[Any], rtol: float) -> None:

@@ -59,6 +59,8 @@ class ConvertOptions:
     # models larger than memory: trace on meta, replay weight edits from the checkpoint
     meta: bool = False
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+    # fail (UnchangedError, nothing written) when no pass changed the model
+    fail_if_unchanged: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "passes", tuple(self.passes))

@@ -151,9 +151,9 @@ def test_signal_after_the_outputs_before_the_report(
     tmp_path: Path, factory: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SIGTERM between the model outputs and the report: never an output without its report."""
-    import normrewrite.report
+    import normrewrite.cli_render
 
-    _signal_on(monkeypatch, normrewrite.report, "render", 1)
+    _signal_on(monkeypatch, normrewrite.cli_render, "render_report", 1)
     previous = signal.getsignal(signal.SIGTERM)
     try:
         r = cli(
