@@ -157,6 +157,9 @@ _native_opt = click.option(
 @click.option("--dtype", "onnx_dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
               show_default=True, help="ONNX weights and compute dtype (norms reduce in fp32)")
 @click.option("--keep-io-types", is_flag=True, help="with --dtype: keep fp32 ONNX inputs and outputs")
+@click.option("--keep-output-classes", is_flag=True,
+              help=".pt2: keep the model's own output classes (e.g. transformers' ModelOutput; loading "
+                   "then needs those classes) instead of plain tensors named in the report")
 @click.option("--force", is_flag=True, help="replace existing outputs")
 @click.option("--keep-training-mode", is_flag=True,
               help="trace as is instead of switching a model in training mode to eval")
@@ -187,7 +190,7 @@ def convert(
     debug: bool, compile_: str | None = None, device: str = "cpu", onnx_target: str = "standard",
     dynamic: bool = False, onnx_dtype: str = "float32", keep_io_types: bool = False,
     trust_native_code: bool = False, max_input_bytes: int = MAX_INPUT_BYTES,
-    fail_if_unchanged: bool = False,
+    fail_if_unchanged: bool = False, keep_output_classes: bool = False,
 ) -> None:
     """Rewrite MODEL with passes and write it to each -o output.
 
@@ -238,6 +241,7 @@ def convert(
                 on_stage=lambda s: status.update(s), compile=compile_, device=device,
                 onnx_options=onnx_options, trust_native_code=trust_native_code,
                 report_path=report_path, fail_if_unchanged=fail_if_unchanged,
+                keep_output_classes=keep_output_classes,
             )
         render_report(result.report, out)
 

@@ -109,6 +109,9 @@ def render_report(report: Report, out: Console, *, max_rows: int = 12) -> None:
         if o.notes:
             extra += escape(" (" + "; ".join(o.notes) + ")")
         summary.add_row("wrote", escape(f"{o.path} [{o.format}]") + extra)
+    if report.program_outputs:
+        kind = "tensors" if report.outputs_flattened else "the model's output class, fields"
+        summary.add_row("returns", escape(f"{kind}: {', '.join(report.program_outputs)}"))
     out.print(summary)
 
 

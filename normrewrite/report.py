@@ -59,6 +59,10 @@ class Report:
     outputs: list[OutputReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    # the emitted program's outputs, in order (.pt2 / ONNX): plain tensors unless
+    # --keep-output-classes (then the model's own output classes, with these fields)
+    program_outputs: list[str] = field(default_factory=list)
+    outputs_flattened: bool | None = None
 
     @property
     def exact(self) -> bool:

@@ -66,9 +66,12 @@ def programs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         model = build(layers=1)
         model.save_pretrained(d / name)
         res = CliRunner().invoke(
-            main, ["convert", str(d / name), "-p", "fuse-norm", "-o", str(d / f"{name}.pt2")]
+            main, ["convert", str(d / name), "-p", "fuse-norm", "-o", str(d / f"{name}.pt2"),
+                   "--report", str(d / f"{name}.json")]
         )
         assert res.exit_code == 0, res.output
+        report = json.loads((d / f"{name}.json").read_text())
+        assert report["program_outputs"] == OUTPUT_NAMES[name] and report["outputs_flattened"] is True
         gm = trace(model, (x,), "export").graph_module
         native = emit.export_program(gm, (x,), keep_output_classes=True)
         written = emit.write_pt2(native, d / f"{name}.native.pt2")
@@ -327,3 +330,16 @@ def test_spec_context_naming_an_enum_is_refused_before_torch_imports_it(
     with pytest.raises(LoadError, match="enum"):
         load_pt2(evil, None, seed=0)
     assert not marker.exists()
+
+
+def test_keep_output_classes_through_the_cli(programs: dict[str, Any]) -> None:
+    """--keep-output-classes: the program returns the model's own output class, and the report says
+    so (flattened false, the same field names)."""
+    d = programs["dir"]
+    res = CliRunner().invoke(main, ["convert", str(d / "bert"), "-p", "fuse-norm", "--keep-output-classes",
+                                    "-o", str(d / "kept.pt2"), "--report", str(d / "kept.json")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((d / "kept.json").read_text())
+    assert report["program_outputs"] == OUTPUT_NAMES["bert"] and report["outputs_flattened"] is False
+    out = torch.export.load(str(d / "kept.pt2")).module()(programs["x"])
+    assert not isinstance(out, tuple) and list(out.keys()) == OUTPUT_NAMES["bert"]

@@ -187,7 +187,12 @@ def _convert_in_memory(
             stage("exporting the rewritten model")
             if wants_onnx:
                 fix_for_onnx(gm, ctx, report)
-            ep = emit.export_program(gm, inputs, dynamic=wants_onnx and onnx.dynamic)
+            ep = emit.export_program(gm, inputs, dynamic=wants_onnx and onnx.dynamic,
+                                     keep_output_classes=options.keep_output_classes)
+            contract = emit.output_names(ep)
+            if contract is not None:
+                report.program_outputs = list(contract.names)
+                report.outputs_flattened = contract.flattened
             conv.exported = ep
         for path, fmt in zip(out_paths, formats, strict=True):
             stage(f"writing {path}")
