@@ -30,7 +30,7 @@ from normrewrite.pipeline import convert as _run_pipeline
 
 def convert(
     model: ModelLike,
-    passes: Sequence[str | Pass] = ("fold-bn",),
+    passes: Sequence[str | Pass] | None = None,
     example_inputs: Any = None,
     *,
     options: ConvertOptions | None = None,
@@ -41,7 +41,7 @@ def convert(
 ) -> ConvertResult:
     """Load, trace, rewrite, verify and (optionally) write ``model``.
 
-    ``settings`` are the fields of :class:`~normrewrite.pipeline.ConvertOptions` (``outputs``,
+    ``passes`` (default: ``options.passes``, else ``fold-bn``) run in order. ``settings`` are the fields of :class:`~normrewrite.pipeline.ConvertOptions` (``outputs``,
     ``tracer``, ``verify``, ``rtol``, ``force``, ``onnx`` / ``opset``, ``compile``, ``device``,
     ``report_path``, ``meta``, the ``trust_*`` opt-ins, …), applied over ``options``. A ``.onnx``
     ``model`` is rewritten ONNX in → ONNX out with the ONNX forms of the passes; ``meta=True``
@@ -52,7 +52,9 @@ def convert(
     :class:`~normrewrite.errors.VerifyError` (and writes nothing) when an exact pipeline changes the
     outputs by more than ``rtol`` relative to the largest output magnitude.
     """
-    opts = ConvertOptions.of(options, passes=tuple(passes), **settings)
+    if passes is not None:
+        settings["passes"] = tuple(passes)
+    opts = ConvertOptions.of(options, **settings)
     hooks = Hooks(on_stage=on_stage or (lambda _stage: None), after_change=after_change, progress=progress)
     return _run_pipeline(model, opts, example_inputs, hooks)
 

@@ -246,3 +246,18 @@ def test_pass_contract_through_convert_and_onnx(name: str, tmp_path: Path) -> No
     assert (
         out["outputs"][0]["format"] == "onnx" and out["outputs"][0]["onnx_max_rel_err"] is not None
     )
+
+
+def test_convert_options_object_and_keyword_overrides(tmp_path: Path) -> None:
+    """normrewrite.convert takes one ConvertOptions; keywords override its fields; an unknown
+    keyword is a TypeError naming it; passes come from the options unless given."""
+    import normrewrite
+
+    model, inputs = ConvBN().eval(), _images()
+    opts = normrewrite.ConvertOptions(passes=("swap-norm:from=batchnorm,to=frozen",), verify=False)
+    r = normrewrite.convert(model, example_inputs=inputs, options=opts)
+    assert [p.name for p in r.report.passes] == ["swap-norm"] and r.report.verify is None
+    r = normrewrite.convert(model, ["fold-bn"], inputs, options=opts, verify=True)
+    assert [p.name for p in r.report.passes] == ["fold-bn"] and r.report.verify.passed
+    with pytest.raises(TypeError, match="'no_such_setting'"):
+        normrewrite.convert(model, example_inputs=inputs, no_such_setting=1)
