@@ -3,7 +3,7 @@
 A test keeps this registry, the files in this folder and the README's pass table in sync.
 """
 
-from normrewrite.core.pass_infra import PassRegistry
+from normrewrite.core.pass_infra import NamedPass, PassRegistry
 
 from .apply_weight_norm import ApplyWeightNorm
 from .fix_export import FixExport
@@ -38,7 +38,17 @@ REGISTRY = PassRegistry(
 # same home) answers to the same name, so `-p fold-bn` on an .onnx input runs OnnxFoldBatchNorm.
 ONNX_REGISTRY = PassRegistry([p.onnx_form for p in REGISTRY if p.onnx_form is not None])
 
+# the ONNX passes every exported torch program gets: the norms the exporter writes as ReduceMean
+# chains become one fused node
+NORM_FUSIONS = ("fuse-norm",)
+
+
+def norm_fusions() -> list[NamedPass]:
+    """Fresh instances of the :data:`NORM_FUSIONS` passes, for one ONNX output."""
+    return [ONNX_REGISTRY.create(name) for name in NORM_FUSIONS]
+
 __all__ = [
+    "NORM_FUSIONS",
     "ONNX_REGISTRY",
     "REGISTRY",
     "ApplyWeightNorm",
@@ -54,4 +64,5 @@ __all__ = [
     "RecalibrateBatchNorm",
     "RemoveWeightNorm",
     "SwapNorm",
+    "norm_fusions",
 ]

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import torch
 from harness import ort_run
+from normrewrite.passes import norm_fusions
 
 from normrewrite.emit import export_program
 from normrewrite.emit.onnx.options import OnnxOptions
@@ -22,7 +23,8 @@ def write_onnx(gm: torch.nn.Module, inputs: tuple[Any, ...], path: Path, **optio
     """Export ``gm`` (a rewritten GraphModule) to ``path`` through the shipped ONNX pipeline;
     ``options`` are :class:`OnnxOptions` fields (``opset=23``, ``target="ort"`` …)."""
     emit_program(
-        export_program(gm, tuple(inputs)), Path(path), inputs, None, OnnxOptions(**options)
+        export_program(gm, tuple(inputs)), Path(path), inputs, None, OnnxOptions(**options),
+        fusions=norm_fusions(),
     )
     return Path(path)
 

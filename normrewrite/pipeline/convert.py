@@ -64,8 +64,8 @@ def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
 
 def _convert_onnx_file(src: Path, options: ConvertOptions, hooks: Hooks) -> ConvertResult:
     """ONNX in → ONNX out: the ONNX forms of the passes, no torch
-    (:func:`normrewrite.emit.onnx.pipeline.convert_onnx_file`)."""
-    from normrewrite.emit.onnx.pipeline import convert_onnx_file
+    (:func:`normrewrite.pipeline.onnx_in.convert_onnx_file`)."""
+    from normrewrite.pipeline.onnx_in import convert_onnx_file
 
     passes = [ONNX_REGISTRY.create(p) for p in options.passes]
     dests = check_outputs(src, passes, options.outputs, options.report_path, options.force)

@@ -18,7 +18,7 @@ from normrewrite.core.pass_infra import Pass, PassContext
 from normrewrite.emit.files import check_output, companions, plan_outputs, read_paths
 from normrewrite.emit.onnx.options import DTYPE_RTOL, OnnxOptions
 from normrewrite.errors import VerifyError
-from normrewrite.passes import REGISTRY
+from normrewrite.passes import REGISTRY, norm_fusions
 from normrewrite.report import OutputReport, PassReport, Report
 
 
@@ -76,7 +76,7 @@ def write_onnx(
                 f"{cmp.max_rel_err:.3g} > {tol:g}; nothing written"
             )
 
-    r = emit_program(ep, path, inputs, reference, options, module=module, check=gate)
+    r = emit_program(ep, path, inputs, reference, options, fusions=norm_fusions(), module=module, check=gate)
     out = OutputReport(r.path, "onnx", r.parity.max_abs_err if r.parity else None,
                        r.parity.max_rel_err if r.parity else None)
     out.notes.extend([f"opset {r.opset}, {r.nodes} nodes, target {options.target}, {options.dtype}", *r.notes])

@@ -240,7 +240,7 @@ def convert_checkpoint_onnx(
     from normrewrite.emit.onnx.export import export_onnx
     from normrewrite.emit.onnx.options import OnnxOptions
     from normrewrite.emit.onnx.write import atomic_pair, write_model
-    from normrewrite.passes import REGISTRY
+    from normrewrite.passes import REGISTRY, norm_fusions
 
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -309,7 +309,7 @@ def convert_checkpoint_onnx(
         _fold_weight_transposes(onnx_model, lazy, scratch, wrap)
         optimize_keeping(onnx_model, lazy)  # the export stage's optimizer, around the weights
         done = onnx_pipeline.transform(
-            onnx_model, onnx_pipeline.norm_fusions(), options, cleanup=onnx_pipeline.Cleanup.NONE
+            onnx_model, norm_fusions(), options, cleanup=onnx_pipeline.Cleanup.NONE
         )
         notes += done.fusion_notes() + done.notes
         t4 = time.perf_counter()

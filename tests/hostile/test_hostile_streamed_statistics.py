@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from normrewrite.passes import REGISTRY
 from safetensors.torch import save_file
 from torch import nn
 
 from normrewrite.errors import PassError
-from normrewrite.passes import REGISTRY
 from normrewrite.stream import convert_checkpoint
 
 
@@ -28,7 +28,7 @@ def test_streamed_fold_refuses_invalid_statistics(tmp_path: Path, bad: str) -> N
     ckpt = tmp_path / "m.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
     out = tmp_path / "out"
-    with pytest.raises(PassError, match="NaN/Inf.*refused, nothing written") as info:
+    with pytest.raises(PassError, match=r"NaN/Inf.*refused, nothing written") as info:
         convert_checkpoint(model, [REGISTRY.create("fold-bn")], out, checkpoint=ckpt,
                            example_inputs=(torch.randn(1, 3, 8, 8),), tracer="export")
     assert "\n" not in str(info.value)

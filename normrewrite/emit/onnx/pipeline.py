@@ -29,7 +29,6 @@ its weights streamed from disk.
 from __future__ import annotations
 
 import enum
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,39 +37,28 @@ from typing import Any
 import onnx_ir as ir
 
 from normrewrite.analysis.onnx_norms import decomposed_norm_dtypes
-from normrewrite.core.onnx_graph import count_nodes, model_bytes, model_opset, symbolic_dims
+from normrewrite.core.onnx_graph import count_nodes, model_opset, symbolic_dims
 from normrewrite.core.onnx_pass import OnnxContext, OnnxPass, OnnxPassRun, run_onnx_passes
 from normrewrite.emit.onnx.cleanup import groupnorm_as_instancenorm, optimize, ort_skip_fusions
-from normrewrite.emit.onnx.export import convert_opset, export_onnx
+from normrewrite.emit.onnx.export import export_onnx
 from normrewrite.emit.onnx.options import OnnxOptions
-from normrewrite.emit.onnx.write import atomic_pair, save_validated, validate_file, write_model
-from normrewrite.errors import EmitError, UsageError, VerifyError, first_line
-from normrewrite.load.onnx import OnnxLimits, load_onnx
+from normrewrite.emit.onnx.write import atomic_pair, validate_file, write_model
+from normrewrite.errors import EmitError, first_line
 from normrewrite.verify import Comparison, run
 from normrewrite.verify.onnxruntime import (
-    make_feeds,
     ort_outputs,
     other_size_inputs,
     parity,
-    relative_error,
     session,
 )
 
 # the ONNX passes every torch-program export runs: decomposed norms the exporter wrote as
-# ReduceMean chains become one fused node
-NORM_FUSIONS = ("fuse-norm",)
 
 
 class Cleanup(enum.Enum):
     STATIC = "static"  # fold shape chains when every input shape is static
     SYMBOLIC = "symbolic"  # keep shape computations (--dynamic)
     NONE = "none"  # --meta: the export stage already optimized around the weights on disk
-
-
-def norm_fusions() -> list[OnnxPass]:
-    from normrewrite.passes import ONNX_REGISTRY
-
-    return [ONNX_REGISTRY.create(name) for name in NORM_FUSIONS if name in ONNX_REGISTRY]
 
 
 @dataclass
@@ -174,18 +162,21 @@ def emit_program(
     reference: Sequence[Any] | None,
     options: OnnxOptions,
     *,
+    fusions: Sequence[OnnxPass] = (),
     module: Any = None,
     check: Callable[[Comparison], None] | None = None,
 ) -> OnnxEmitted:
     """The in-memory path: export ``ep``, transform, write ``dest`` atomically, validate, and
     compare in onnxruntime with ``reference`` (the original's outputs); with ``--dynamic`` also
     run ``module`` and the ONNX model at a shape other than the example's. ``check(comparison)``
-    may reject before the rename."""
+    may reject before the rename. ``fusions``: the ONNX passes every output gets
+    (:func:`normrewrite.passes.norm_fusions`), given by the caller: emission runs passes, it does
+    not choose them."""
     if module is not None:
         check_exportable(module)
     model = export_onnx(ep, options.resolved_opset)
     cleanup = Cleanup.SYMBOLIC if options.dynamic else Cleanup.STATIC
-    done = transform(model, norm_fusions(), options, cleanup=cleanup)
+    done = transform(model, fusions, options, cleanup=cleanup)
     notes = done.fusion_notes() + done.notes
     same = other = None
     with atomic_pair(dest) as tmp:
@@ -247,95 +238,3 @@ def _other_size(
 
 
 # --------------------------------------------------------------------------- ONNX in
-
-
-def convert_onnx_file(
-    src: Path,
-    passes: Sequence[OnnxPass],
-    outputs: Sequence[Path],
-    options: OnnxOptions,
-    *,
-    limits: OnnxLimits | None = None,
-    input_shapes: Sequence[Sequence[int]] | None = None,
-    verify: bool = True,
-    rtol: float = 1e-5,
-    seed: int = 0,
-    stage: Callable[[str], None] = lambda s: None,
-) -> tuple[ir.Model, Any]:
-    """The ONNX-in path: load ``src``, transform with ``passes``, compare the result with the
-    input model in onnxruntime (graph optimizations off, so its own fusions cannot hide a bug)
-    and write each output. Returns (model, :class:`~normrewrite.report.Report`)."""
-    from normrewrite.report import OutputReport, PassReport, Report, VerifyReport
-
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    stage("loading the ONNX model")
-    model = load_onnx(src, limits)  # first: a file that is no ONNX model says so
-    for out in outputs:
-        if not str(out).endswith(".onnx"):
-            raise UsageError(f"{src} is an ONNX model: it can only be written as .onnx, not {out}")
-    notes: list[str] = []
-    if options.opset is not None and options.opset != model_opset(model):
-        notes.append(f"converted from opset {model_opset(model)} to {options.opset}")
-        model = convert_opset(model, options.opset)
-    original = model_bytes(model)
-    timings["load"] = time.perf_counter() - t0
-    report = Report(
-        model=str(src),
-        source="onnx",
-        tracer=f"none (ONNX opset {model_opset(model)})",
-        inputs=[],
-        input_origin="",
-        notes=notes,
-    )
-    report.nodes_before = count_nodes(model)
-    t0 = time.perf_counter()
-    done = transform(
-        model,
-        passes,
-        options,
-        cleanup=Cleanup.STATIC,
-        runtime_forms=False,
-        before_pass=lambda p: stage(f"pass {p.name}"),
-    )
-    for r in done.runs:
-        p, res = r.pass_, r.result
-        report.passes.append(
-            PassReport(
-                p.name, p.describe(), p.exact, res.modified, res.changes, res.skipped, res.notes,
-                round(r.seconds, 4),
-            )
-        )  # fmt: skip
-    report.notes.extend(done.notes)
-    timings["passes"] = time.perf_counter() - t0
-    report.nodes_after = count_nodes(model)
-    if verify:
-        stage("comparing in onnxruntime")
-        t0 = time.perf_counter()
-        before = session(original)
-        feeds = make_feeds(before, input_shapes, seed)
-        report.inputs = ["x".join(map(str, a.shape)) + f":{a.dtype}" for a in feeds.values()]
-        report.input_origin = "given" if input_shapes else "model (symbolic dims = 2)"
-        ref = before.run(None, feeds)
-        out = session(model_bytes(model)).run(None, feeds)
-        abs_err, rel_err = relative_error(ref, out)
-        exact = report.exact
-        passed = rel_err <= rtol if exact else None
-        report.verify = VerifyReport(abs_err, rel_err, rtol, exact, passed)
-        timings["verify"] = time.perf_counter() - t0
-        if passed is False:
-            raise VerifyError(
-                f"rewritten ONNX model differs from the input in onnxruntime: max rel err "
-                f"{rel_err:.3g} > rtol {rtol:g}; nothing written"
-            )
-    for dest in outputs:
-        stage(f"writing {dest}")
-        written = save_validated(model, Path(dest), threshold=options.external_data_threshold)
-        v = report.verify
-        o = OutputReport(
-            str(dest), "onnx", v.max_abs_err if v else None, v.max_rel_err if v else None
-        )
-        o.notes.extend(written)
-        report.outputs.append(o)
-    report.seconds = {k: round(v, 3) for k, v in timings.items()}
-    return model, report
