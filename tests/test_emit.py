@@ -18,7 +18,8 @@ from torch import nn
 
 import normrewrite
 from normrewrite import emit
-from normrewrite.emit.files import atomic_dir, atomic_file, check_output
+from normrewrite.emit.files import atomic_dir, atomic_file
+from normrewrite.emit.plan import check_output
 from normrewrite.errors import EmitError, UsageError
 
 

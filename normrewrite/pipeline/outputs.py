@@ -15,8 +15,8 @@ from torch.fx import GraphModule
 
 from normrewrite import emit
 from normrewrite.core.pass_infra import Pass, PassContext
-from normrewrite.emit.files import check_output, companions, plan_outputs, read_paths
 from normrewrite.emit.onnx.options import DTYPE_RTOL, OnnxOptions
+from normrewrite.emit.plan import check_output, companions, plan_outputs, read_paths
 from normrewrite.errors import VerifyError
 from normrewrite.passes import REGISTRY, norm_fusions
 from normrewrite.report import OutputReport, PassReport, Report

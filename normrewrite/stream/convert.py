@@ -65,7 +65,8 @@ def convert_checkpoint(
     directory gets the shards, ``model.safetensors.index.json`` when sharded, the source
     directory's other files (config, tokenizer) and ``normrewrite.json`` (what was done). Memory:
     one output shard (``max_shard_size``) plus the tensors of the recipe being replayed."""
-    from normrewrite.emit.files import atomic_dir, check_output
+    from normrewrite.emit.files import atomic_dir
+    from normrewrite.emit.plan import check_output
 
     bar = progress or NoProgress()
     seconds: dict[str, float] = {}

@@ -234,12 +234,12 @@ def convert_checkpoint_onnx(
 
     from normrewrite.core.onnx_graph import count_nodes
     from normrewrite.emit import export_program
-    from normrewrite.emit.files import check_output
     from normrewrite.emit.onnx import pipeline as onnx_pipeline
     from normrewrite.emit.onnx.cleanup import optimize_keeping
     from normrewrite.emit.onnx.export import export_onnx
     from normrewrite.emit.onnx.options import OnnxOptions
     from normrewrite.emit.onnx.write import atomic_pair, write_model
+    from normrewrite.emit.plan import check_output
     from normrewrite.passes import REGISTRY, norm_fusions
 
     seconds: dict[str, float] = {}
