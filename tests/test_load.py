@@ -395,3 +395,28 @@ def test_onnx_input_is_refused_clearly_or_loaded(tmp_path: Path) -> None:
 def test_missing_files(name: str, tmp_path: Path) -> None:
     with pytest.raises(LoadError, match="no such"):
         load(tmp_path / name)
+
+
+def test_checkpoint_keys_the_class_renames_on_load(tmp_path) -> None:
+    """transformers 5 loads ViT's saved ``encoder.layer.N.attention.attention.query`` as
+    ``layers.N.attention.q_proj``: the config-vs-checkpoint check and the streamed path follow the
+    class's own renamings (in memory and --meta), and the streamed output loads back."""
+    import transformers
+    from click.testing import CliRunner
+    from models import pixels, vit
+
+    from normrewrite.cli import main
+
+    model = vit()
+    model.save_pretrained(tmp_path / "vit")
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "vit"), "-p", "fold-norm-affine", "-o",
+                                  str(tmp_path / "v.pt2"), "-q"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "vit"), "--meta", "-p", "fold-norm-affine",
+                                  "-o", str(tmp_path / "streamed") + "/", "-q"])
+    assert r.exit_code == 0, r.output
+    back = transformers.ViTModel.from_pretrained(tmp_path / "streamed").eval()
+    x = pixels()
+    with torch.no_grad():
+        want, got = model(x).last_hidden_state, back(x).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -23,7 +23,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -153,15 +153,20 @@ def _files(path: Path) -> list[Path]:
 
 @dataclass(frozen=True)
 class KeyMap:
-    """``key = add + name[len(strip):]`` for module FQNs that start with ``strip``."""
+    """``key = add + name[len(strip):]`` for module FQNs that start with ``strip``; then, where the
+    model class renames checkpoint keys when it loads them (transformers' weight renamings, e.g.
+    ViT's ``encoder.layer.0.attention.attention.query`` → ``layers.0.attention.q_proj``), the
+    checkpoint's own key for that model-side name (``renamed``)."""
 
     strip: str = ""
     add: str = ""
+    renamed: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
 
     def key(self, name: str) -> str:
         if self.strip and name.startswith(self.strip):
             name = name[len(self.strip) :]
-        return self.add + name
+        name = self.add + name
+        return self.renamed.get(name, name)
 
 
 def key_mapping(names: Iterable[str], keys: Collection[str]) -> KeyMap:

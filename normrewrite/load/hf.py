@@ -15,11 +15,12 @@ tensor, plus :data:`BUDGET_SLACK`) and aborted beyond that.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,7 +170,12 @@ def check_against_checkpoint(model: nn.Module, ckpt: Checkpoint, *, where: Path)
     ]:
         named[name] = t
         groups.setdefault(id(t), []).append(name)
-    keymap = key_mapping(named, ckpt.keys())
+    renames = _renamed_keys(model, ckpt.keys())
+    if renames is None:  # the class converts (merges/splits) checkpoint tensors as it loads them
+        return key_mapping(named, ckpt.keys())  # the build was bounded by the checkpoint's size
+    inverse = {model_key: key for key, model_key in renames.items()}
+    keymap = key_mapping(named, [renames.get(k, k) for k in ckpt])
+    keymap = dataclasses.replace(keymap, renamed=inverse)
     # a non-persistent buffer saved by an older version of the class is harmless
     used = {keymap.key(n) for n, _ in model.named_buffers(remove_duplicate=False) if n not in named}
     ignore_missing = _patterns(model, "_keys_to_ignore_on_load_missing")
@@ -199,6 +205,31 @@ def check_against_checkpoint(model: nn.Module, ckpt: Checkpoint, *, where: Path)
                 f"its {key}"
             )
     return keymap
+
+
+def _renamed_keys(model: nn.Module, keys: Iterable[str]) -> dict[str, str] | None:
+    """Checkpoint key → the model-side name the class loads it as, for the keys transformers
+    renames on load (its own ``get_model_conversion_mapping`` / ``rename_source_key``, the code
+    ``from_pretrained`` runs); None when the class also *converts* tensors (merges experts, splits
+    fused projections), which a name-and-shape check cannot follow."""
+    try:
+        from transformers import conversion_mapping, core_model_loading
+    except ImportError:  # an older transformers: names are loaded as saved
+        return {}
+    if not hasattr(model, "base_model_prefix"):
+        return {}
+    transforms = conversion_mapping.get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, core_model_loading.WeightRenaming)]
+    if any(not isinstance(t, core_model_loading.WeightRenaming) for t in transforms):
+        return None
+    if not renamings:
+        return {}
+    out = {}
+    for key in keys:
+        renamed, _ = core_model_loading.rename_source_key(key, renamings, [], model.base_model_prefix, None)
+        if renamed != key:
+            out[key] = renamed
+    return out
 
 
 def _persistent_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
