@@ -203,7 +203,7 @@ def main() -> None:
         default=None,
         help="comma separated; default: fuse-norm,fold-norm-affine (those registered)",
     )
-    ap.add_argument("--shard-size", type=int, default=1 << 30)
+    ap.add_argument("--shard-size", type=int, default=256 << 20, help="output --max-shard-size (bytes)")
     ap.add_argument("--sample", type=int, default=12, help="tensors of each kind to verify")
     ap.add_argument("--workdir", type=Path, default=ROOT / "tmp" / "large_model")
     ap.add_argument("--results", type=Path, default=ROOT / "results" / "large_model.json")

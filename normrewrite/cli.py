@@ -171,7 +171,7 @@ _native_opt = click.option(
               help="for models larger than memory: trace on the meta device and stream the weights "
                    "from MODEL's safetensors into sharded safetensors in the -o DIR/, or into "
                    "-o OUT.onnx with its weights in OUT.onnx.data")
-@click.option("--max-shard-size", type=int, default=1 << 30, show_default=True,
+@click.option("--max-shard-size", type=int, default=256 << 20, show_default=True,
               help="bytes per output shard with --meta")
 @click.option("--compile", "compile_", type=click.Choice(["aoti"]), default=None,
               help="write .pt2 outputs as AOTInductor packages (compiled; load with "

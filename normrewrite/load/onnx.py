@@ -38,10 +38,9 @@ class OnnxLimits:
 
 def load_onnx(path: str | os.PathLike[str], limits: OnnxLimits | None = None) -> ir.Model:
     """An ``onnx_ir.Model`` from ``path`` (external data resolved), or a one-line LoadError."""
-    import onnx
     from onnx.external_data_helper import load_external_data_for_model
 
-    from normrewrite.load.safety import check_external_data
+    from normrewrite.load.safety import check_external_data, parse_onnx
 
     p = Path(path)
     if not p.is_file():
@@ -54,13 +53,8 @@ def load_onnx(path: str | os.PathLike[str], limits: OnnxLimits | None = None) ->
         raise LoadError(f"{p}: a zip archive (a .pt2 program?), not an ONNX model")
     if head[:1] != b"\x08":  # every ModelProto starts with field 1 (ir_version), varint
         raise LoadError(f"{p}: not an ONNX model (bad leading bytes {head!r})")
-    data_files = check_external_data(p)  # locations stay inside the model's directory
-    try:
-        proto = onnx.load(str(p), load_external_data=False)
-    except Exception as e:
-        raise LoadError(
-            f"{p}: cannot parse the ONNX model (truncated or corrupt?): {type(e).__name__}"
-        ) from e
+    proto = parse_onnx(p)
+    data_files = check_external_data(p, proto)  # locations stay inside the model's directory
     if not proto.opset_import or not proto.graph.node:
         raise LoadError(f"{p}: not a usable ONNX model (no opset import or an empty graph)")
     stored = p.stat().st_size + sum(f.stat().st_size for f in set(data_files))

@@ -307,22 +307,28 @@ def check_location(base: Path, location: str) -> Path:
     return real
 
 
-def check_external_data(model_path: str | os.PathLike[str]) -> list[Path]:
+def parse_onnx(p: Path) -> Any:
+    """The ``ModelProto`` of ``p`` without its external data; one-line error if it does not parse."""
+    import onnx
+
+    try:
+        return onnx.load(str(p), load_external_data=False)
+    except Exception as e:
+        raise LoadError(
+            f"{p}: cannot parse the ONNX model (truncated or corrupt?): {type(e).__name__}"
+        ) from e
+
+
+def check_external_data(model_path: str | os.PathLike[str], proto: Any = None) -> list[Path]:
     """Validate every external-data reference of an ONNX model before anything reads it.
 
     Returns the files the model's tensors live in (inside its directory). Raises
     :class:`LoadError` naming the first offending tensor: a location that escapes the model's
     directory (absolute, ``..``, a symbolic link), a missing file, or an ``offset``/``length``
     beyond the file's end."""
-    import onnx
-
     p = Path(model_path)
-    try:
-        proto = onnx.load(str(p), load_external_data=False)
-    except Exception as e:
-        raise LoadError(
-            f"{p}: cannot parse the ONNX model (truncated or corrupt?): {type(e).__name__}"
-        ) from e
+    if proto is None:  # ``proto``: the model already parsed (without its external data)
+        proto = parse_onnx(p)
     base = p.parent if str(p.parent) else Path(".")
     graphs = [proto.graph] + [f for f in proto.functions]
     tensors: list[Any] = []

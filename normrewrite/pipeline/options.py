@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 DEFAULT_RTOL = 1e-4  # torch paths: relative to the largest output magnitude
 DEFAULT_ONNX_IN_RTOL = 1e-5  # ONNX in → ONNX out: both sides run in onnxruntime
-DEFAULT_MAX_SHARD_SIZE = 1 << 30  # save_file holds one shard in memory
+DEFAULT_MAX_SHARD_SIZE = 256 << 20  # save_file holds one shard in memory: this bounds peak RSS
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ def convert_checkpoint(
     checkpoint: str | os.PathLike[str] | None = None,
     example_inputs: tuple[Any, ...] | None = None,
     tracer: str = "auto",
-    max_shard_size: int = 1 << 30,
+    max_shard_size: int = 256 << 20,
     force: bool = False,
     trust_remote_code: bool = False,
     progress: Progress | None = None,

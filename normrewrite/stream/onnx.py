@@ -292,7 +292,7 @@ def convert_checkpoint_onnx(
         writer = ShardWriter(
             scratch_dir,
             [(k, dt, shape) for k, (_, dt, shape) in plan.outputs.items()],
-            max_shard_bytes=1 << 30,  # save_file holds a shard in memory
+            max_shard_bytes=256 << 20,  # save_file holds a shard in memory
         )
         try:
             bar.start_bytes("replaying the rewrites", writer.total_bytes)
