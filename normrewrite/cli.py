@@ -31,6 +31,32 @@ def _specs(values: tuple[str, ...], max_bytes: int = MAX_INPUT_BYTES) -> list[In
     return specs or None
 
 
+def _limits(values: tuple[str, ...]) -> Any:
+    """``--onnx-limit KEY=VALUE`` → :class:`normrewrite.load.onnx.OnnxLimits` (None: defaults)."""
+    if not values:
+        return None
+    import dataclasses
+
+    from normrewrite.errors import UsageError
+    from normrewrite.load.onnx import OnnxLimits
+
+    fields = {f.name: f for f in dataclasses.fields(OnnxLimits)}
+    given: dict[str, Any] = {}
+    for item in values:
+        key, eq, raw = item.partition("=")
+        if not eq or key not in fields:
+            raise UsageError(f"--onnx-limit {item!r}: use KEY=VALUE with KEY one of {', '.join(fields)}")
+        kind = float if key == "max_declared_ratio" else int
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise UsageError(f"--onnx-limit {item!r}: {raw!r} is not a number") from None
+        if not value > 0:
+            raise UsageError(f"--onnx-limit {item!r}: must be positive")
+        given[key] = value
+    return OnnxLimits(**given)
+
+
 @contextlib.contextmanager
 def _quiet_libraries(debug: bool) -> Iterator[None]:
     """Library warnings, logs (torch's fake-tensor and export error logs included) and progress
@@ -112,6 +138,10 @@ _max_input_opt = click.option(
     "--max-input-bytes", type=click.IntRange(min=1), default=MAX_INPUT_BYTES, show_default=True,
     help="refuse --input shapes whose tensors take more bytes than this in total",
 )
+_onnx_limit_opt = click.option(
+    "--onnx-limit", "onnx_limits", multiple=True, metavar="KEY=VALUE",
+    help="raise a limit on ONNX inputs: max_nodes (500000), max_depth (32), max_declared_ratio (16)",
+)
 _tracer_opt = click.option(
     "--tracer", type=click.Choice(["auto", "fx", "export"]), default="auto", show_default=True,
     help="torch.fx.symbolic_trace, torch.export, or fx falling back to export",
@@ -139,6 +169,7 @@ _native_opt = click.option(
                    "normrewrite passes NAME")
 @_input_opt
 @_max_input_opt
+@_onnx_limit_opt
 @_tracer_opt
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="write the report as JSON")
 @click.option("--rtol", type=float, default=None,
@@ -191,6 +222,7 @@ def convert(
     dynamic: bool = False, onnx_dtype: str = "float32", keep_io_types: bool = False,
     trust_native_code: bool = False, max_input_bytes: int = MAX_INPUT_BYTES,
     fail_if_unchanged: bool = False, keep_output_classes: bool = False,
+    onnx_limits: tuple[str, ...] = (),
 ) -> None:
     """Rewrite MODEL with passes and write it to each -o output.
 
@@ -241,7 +273,7 @@ def convert(
                 on_stage=lambda s: status.update(s), compile=compile_, device=device,
                 onnx_options=onnx_options, trust_native_code=trust_native_code,
                 report_path=report_path, fail_if_unchanged=fail_if_unchanged,
-                keep_output_classes=keep_output_classes,
+                keep_output_classes=keep_output_classes, onnx_limits=_limits(onnx_limits),
             )
         render_report(result.report, out)
 
@@ -272,6 +304,7 @@ def _stream(model: str, passes: list[str], outputs: tuple[str, ...], *, force: b
 @_model_arg
 @_input_opt
 @_max_input_opt
+@_onnx_limit_opt
 @_tracer_opt
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @_trust_opt
@@ -280,7 +313,8 @@ def _stream(model: str, passes: list[str], outputs: tuple[str, ...], *, force: b
 @_debug_opt
 def inspect(model: str, inputs: tuple[str, ...], tracer: str, as_json: bool,
             trust_remote_code: bool, trust_pickle: bool, debug: bool,
-            trust_native_code: bool = False, max_input_bytes: int = MAX_INPUT_BYTES) -> None:
+            trust_native_code: bool = False, max_input_bytes: int = MAX_INPUT_BYTES,
+            onnx_limits: tuple[str, ...] = ()) -> None:
     """List MODEL's norm layers and what each pass could do with them."""
 
     def go() -> None:
@@ -289,7 +323,7 @@ def inspect(model: str, inputs: tuple[str, ...], tracer: str, as_json: bool,
 
         result = api.inspect(model, input_specs=_specs(inputs, max_input_bytes), tracer=tracer,
                              trust_remote_code=trust_remote_code, trust_pickle=trust_pickle,
-                             trust_native_code=trust_native_code)
+                             trust_native_code=trust_native_code, onnx_limits=_limits(onnx_limits))
         if as_json:
             click.echo(json.dumps(result.to_json(), indent=2, default=str))
             return

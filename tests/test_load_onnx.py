@@ -161,3 +161,21 @@ def test_ordinary_tensors_pass_the_ratio(tmp_path: Path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
     model = load_onnx(path)
     assert set(model.graph.initializers) == {"w", "i"}
+
+
+def test_cli_onnx_limit_lowers_and_raises_a_limit(tmp_path: Path) -> None:
+    """--onnx-limit KEY=VALUE sets the limit the refusal names (convert and inspect); a bad key or
+    value is a usage error."""
+    path = tmp_path / "chain.onnx"
+    onnx.save(chain(20), str(path))
+    res = CliRunner().invoke(main, ["inspect", str(path), "--onnx-limit", "max_nodes=10"])
+    assert res.exit_code == 1 and "max_nodes=10" in res.output and "--onnx-limit" in res.output
+    res = CliRunner().invoke(main, ["inspect", str(path), "--onnx-limit", "max_nodes=20"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["convert", str(path), "-p", "fuse-norm", "-o", str(tmp_path / "o.onnx"),
+                                    "--onnx-limit", "max_nodes=10"])
+    assert res.exit_code == 1 and "max_nodes=10" in res.output
+    assert not (tmp_path / "o.onnx").exists()
+    for bad in ("nodes=5", "max_nodes=many", "max_depth=0"):
+        res = CliRunner().invoke(main, ["inspect", str(path), "--onnx-limit", bad])
+        assert res.exit_code == 2 and "--onnx-limit" in res.output and len(res.output.strip().splitlines()) == 1

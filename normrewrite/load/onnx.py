@@ -81,13 +81,13 @@ def check_limits(proto: Any, stored_bytes: int, limits: OnnxLimits, *, where: st
         if depth > limits.max_depth:
             raise LoadError(
                 f"{where}: graphs nested {depth} deep exceed the limit max_depth="
-                f"{limits.max_depth} (raise it for a genuine model)"
+                f"{limits.max_depth} (raise it for a genuine model: --onnx-limit KEY=N)"
             )
         nodes += len(graph.node)
         if nodes > limits.max_nodes:
             raise LoadError(
                 f"{where}: more than {limits.max_nodes} nodes exceed the limit max_nodes="
-                f"{limits.max_nodes} (raise it for a genuine model)"
+                f"{limits.max_nodes} (raise it for a genuine model: --onnx-limit KEY=N)"
             )
         declared += sum(_declared_bytes(t) for t in getattr(graph, "initializer", ()))
         for node in graph.node:
