@@ -260,8 +260,6 @@ class LnToRmsNorm(Pass):
                 changes.append(
                     Change(label, f"LayerNorm → RMSNorm{kept} (eps={info.eps:g}){folded}")
                 )
-        if changes:
-            gm.recompile()
         return PassResult(gm, bool(changes), changes, skipped)
 
     def explain(self, gm: GraphModule, ctx: PassContext) -> dict[str, str]:

@@ -11,8 +11,8 @@ from typing import Literal
 
 import pytest
 import torch
+from harness import run
 from models import randomize_norms
-from normrewrite.passes import FoldBatchNorm
 from torch import nn
 from torch.fx import GraphModule
 
@@ -32,6 +32,7 @@ from normrewrite.core.pass_infra import (
 )
 from normrewrite.core.rewrite import Rewrite, Sweep, explain_each, rewrite_each
 from normrewrite.errors import PassError, UsageError
+from normrewrite.passes import FoldBatchNorm
 from normrewrite.trace import trace
 
 # --------------------------------------------------------------------------- options
@@ -428,3 +429,43 @@ def test_explain_each_is_the_matcher_read_only() -> None:
     rewrite = _Letters(_empty_gm(), "bxa")
     assert explain_each(rewrite) == {"x": "left: an x", "a": "would take a"}
     assert rewrite.letters == ["b", "x", "a"] and "apply a" not in rewrite.log
+
+
+# --------------------------------------------------------------------------- recompiles
+
+
+@pytest.mark.parametrize(
+    ("make", "passes", "least"),
+    [
+        ("llama", ["fuse-norm", "fold-norm-affine"], 7),
+        ("gpt2", ["ln-to-rmsnorm"], 5),
+        ("resnet", ["fold-bn"], 10),
+    ],
+)
+def test_each_pass_recompiles_once_whatever_its_matches(
+    make: str, passes: list[str], least: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Erasing per match leaves the code stale; ``Pass.ensures`` regenerates it once per pass
+    (per-match recompiles grow as layers × matches), and the final code computes the rewrite."""
+    import models
+
+    from normrewrite.passes import REGISTRY
+
+    if make == "resnet":
+        model, x = models.resnet(), models.pixels()
+    else:
+        model, x = getattr(models, make)(layers=3), models.token_ids()
+    model = randomize_norms(model).eval()
+    gm = trace(model, (x,), "export").graph_module
+    calls: list[int] = []
+    real = GraphModule.recompile
+    monkeypatch.setattr(GraphModule, "recompile", lambda self: calls.append(1) or real(self))
+    for name in passes:
+        calls.clear()
+        result = REGISTRY.create(name)(gm, PassContext())
+        assert len(result.changes) >= least, name
+        assert len(calls) == 1, (name, len(calls))
+        least = 1  # fold-norm-affine folds at least one of fuse-norm's norms
+    monkeypatch.undo()
+    for want, got in zip(run(model, x), run(gm, x), strict=True):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -278,12 +278,13 @@ def _identity(t: torch.Tensor) -> int:
     return id(t)
 
 
-def erase_unused(gm: GraphModule, nodes: Iterable[Node], *, finalize: bool = True) -> None:
+def erase_unused(gm: GraphModule, nodes: Iterable[Node]) -> None:
     """Erase the given nodes once nothing reads them (in any order), then the ``get_attr``
     nodes they leave orphaned, and delete stored tensors and submodules no node reads any more.
 
-    ``finalize=False`` skips the lint and recompile, for passes that erase many times and leave
-    both to ``Pass.ensures`` (recompiling a large graph after every small edit is slow)."""
+    The graph's code is not regenerated: a pass erases once per match and ``Pass.ensures`` lints
+    and recompiles once at the end (recompiling the whole graph per match grows as layers ×
+    matches)."""
     candidates = list(nodes)
     erased: set[Node] = set()
     dropped: set[str] = set()
@@ -304,9 +305,6 @@ def erase_unused(gm: GraphModule, nodes: Iterable[Node], *, finalize: bool = Tru
     for fqn in dropped - still_read:
         delete_tensor(gm, fqn)
     gm.delete_all_unused_submodules()
-    if finalize:
-        gm.graph.lint()
-        gm.recompile()
 
 
 def used_modules(gm: GraphModule) -> set[str]:

@@ -84,7 +84,8 @@ def _alive(candidate: Any) -> bool:
 
 def rewrite_each(rewrite: Rewrite[Any], sweep: Sweep = Sweep.IN_ORDER) -> PassResult:
     """The pass driver: walk ``rewrite``'s candidates as ``sweep`` says, collecting the changes
-    and skips; recompiles the graph if anything changed."""
+    and skips. The graph's code is not regenerated here: :meth:`Pass.ensures` lints and recompiles
+    once per pass."""
     changes: list[Change] = []
     skipped: list[Skip] = []
 
@@ -132,8 +133,6 @@ def rewrite_each(rewrite: Rewrite[Any], sweep: Sweep = Sweep.IN_ORDER) -> PassRe
             rewrite.prepare(matches)
             for found in matches:
                 applied(found)
-    if changes:
-        rewrite.gm.recompile()
     return PassResult(rewrite.gm, bool(changes), changes, skipped)
 
 

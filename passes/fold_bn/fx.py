@@ -309,7 +309,7 @@ def apply(gm: GraphModule, m: FoldMatch, ctx: PassContext) -> None:
     doomed += [
         n for n in gm.graph.nodes if n.op == "get_attr" and n.target == counter and not n.users
     ]
-    erase_unused(gm, doomed, finalize=False)  # Pass.ensures lints and recompiles once
+    erase_unused(gm, doomed)
 
 
 __all__ = ["FoldMatch", "apply", "match"]

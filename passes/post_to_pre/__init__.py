@@ -304,6 +304,7 @@ class PostToPre(RewritePass):
         if teacher is not None:
             from normrewrite.passes.post_to_pre.heal import heal
 
+            gm.recompile()  # heal runs the rewritten graph; the matches left the code stale
             h = heal(
                 gm,
                 teacher,
