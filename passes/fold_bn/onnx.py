@@ -87,13 +87,17 @@ def match(graph: ir.Graph, bn: ir.Node) -> OnnxFoldMatch | str:
     training = bool(_attr(bn, "training_mode", 0)) or any(
         o.uses() or is_graph_output(graph, o) for o in bn.outputs[1:]
     )
-    why = uses_batch_statistics(tracks_running_stats=True, training=training) or statistics_not_stored(
+    why = uses_batch_statistics(
+        tracks_running_stats=True, training=training
+    ) or statistics_not_stored(
         statistics=all(const_array(v) is not None for v in bn.inputs[3:5]),
         affine=all(const_array(v) is not None for v in bn.inputs[1:3]),
     )
     if why:
         return why
-    gamma, beta, mean, var = (torch.from_numpy(const_array(v).astype("float64")) for v in bn.inputs[1:5])
+    gamma, beta, mean, var = (
+        torch.from_numpy(const_array(v).astype("float64")) for v in bn.inputs[1:5]
+    )
     why = bad_statistics(mean, var, gamma, beta)
     if why:
         return why
