@@ -29,7 +29,7 @@ from normrewrite.core.ops import (
 from normrewrite.core.pass_infra import PassContext, Skip, TensorRecipe, compute_tensors
 
 from . import conditions
-from .fx_layout import LayoutOp, carry, chain_after, chain_before
+from .fx_layout import LayoutOp, carry, chain_after, chain_before, shape_only_use
 from .layout import ChannelAxis
 from .math import Side, bn_affine, fold_input, fold_output
 
@@ -160,14 +160,9 @@ def match(
 
 
 def _value_users(node: Node) -> int:
-    """Users that read the values of ``node`` (``x.shape``/``x.size()`` only read its shape)."""
-    return sum(
-        not (
-            (u.op == "call_function" and u.target is getattr and u.args[1:] == ("shape",))
-            or (u.op == "call_method" and u.target in ("size", "dim"))
-        )
-        for u in node.users
-    )
+    """Users that read the values of ``node``; shape reads (``x.shape``, ``x.size()``,
+    ``aten.sym_size``, the template of ``y.reshape_as(x)``) do not count."""
+    return sum(not shape_only_use(u, node) for u in node.users)
 
 
 def _output_problem(layer: Layer, channels: int | None, ops: list[LayoutOp]) -> str | None:
