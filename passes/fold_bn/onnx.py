@@ -117,10 +117,11 @@ def match(graph: ir.Graph, bn: ir.Node) -> OnnxFoldMatch | str:
     out, after = chain_after(graph, bn.outputs[0])
     consumer = _single_consumer(graph, out)
     if consumer is None:
+        whose = f"the output of {describe(after[-1])}" if after else "its output"
         reasons.append(
-            "its output is a graph output"
+            f"{whose} is a graph output"
             if is_graph_output(graph, out)
-            else f"its output has {len(out.uses())} consumers"
+            else f"{whose} has {len(out.uses())} consumers"
         )
     else:
         found = _input_side(graph, bn, consumer, out, after)
