@@ -27,6 +27,7 @@ from normrewrite.core.graph import count_ops
 from normrewrite.core.onnx_graph import model_bytes
 from normrewrite.core.ops import norms
 from normrewrite.passes import FoldBatchNorm
+from normrewrite.passes.fold_bn.layout import ChannelAxis, through_reshape
 from normrewrite.passes.fold_bn.onnx import OnnxFoldBatchNorm
 from normrewrite.trace import trace
 from normrewrite.verify.onnxruntime import session
@@ -375,3 +376,49 @@ def test_levit_onnx_pipeline_parity(tmp_path: Path) -> None:
     err = rel_err(fp64(model, x), torch.from_numpy(out))
     assert err <= NET_RTOL, f"levit: ORT rel err {err:.3g}"
     assert "BatchNormalization" not in op_types(path)
+
+
+# --------------------------------------------------------------------------- the axis math
+
+
+def _carries(labels: torch.Tensor, axis: int, size: int, repeat: int) -> bool:
+    """Every element's channel is ``index along axis // repeat`` (and the axis holds them all)."""
+    if labels.shape[axis] != size * repeat:
+        return False
+    idx = torch.arange(labels.shape[axis]) // repeat
+    view = [1] * labels.dim()
+    view[axis] = -1
+    return bool((labels == idx.reshape(view)).all())
+
+
+RESHAPES = [  # in shape, channel axis, out shape
+    ((2, 3, 6), 2, (6, 6)),  # flatten(0, 1): channel kept (LeViT)
+    ((6, 6), 1, (2, 3, 6)),  # and back
+    ((2, 3, 4), 2, (2, 12)),  # flatten(1): merged with an outer axis
+    ((2, 8), 1, (2, 2, 4)),  # split
+    ((2, 4, 3, 3), 1, (2, 36)),  # flatten(1) of a BN2d output: repeat 9
+    ((2, 4, 3, 3), 1, (2, 4, 9)),  # flatten(2)
+    ((2, 4, 1), 1, (2, 1, 4)),  # size-1 axes
+    ((4, 3, 2), 0, (2, 2, 6)),  # split of the outermost axis
+]
+
+
+@pytest.mark.parametrize(("in_shape", "axis", "out_shape"), RESHAPES)
+def test_through_reshape_agrees_with_labelled_elements(
+    in_shape: tuple[int, ...], axis: int, out_shape: tuple[int, ...]
+) -> None:
+    size = in_shape[axis]
+    view = [1] * len(in_shape)
+    view[axis] = -1
+    labels = torch.arange(size).reshape(view).expand(in_shape).reshape(out_shape)
+    found = through_reshape(ChannelAxis(axis, size), in_shape, out_shape)
+    truth = [
+        (b, r)
+        for b in range(len(out_shape))
+        for r in range(1, out_shape[b] + 1)
+        if out_shape[b] % r == 0 and _carries(labels, b, size, r)
+    ]
+    if found is None:
+        assert truth == [], truth
+    else:
+        assert _carries(labels, found.axis, size, found.repeat)
