@@ -103,6 +103,18 @@ def channel_mismatch(layer_channels: int, bn_channels: int | None) -> str | None
     return f"channel count mismatch ({layer_channels} vs {bn_channels})"
 
 
+def channel_mixed_by(op: str, owner: str) -> str:
+    """A layout op between the layer and the BN splits the channel axis or merges it with
+    another axis: the channels no longer have an axis of their own."""
+    return f"{op} splits the channel axis of {owner} or merges it with another axis"
+
+
+def channel_moved_by(op: str, owner: str, axis: int, where: str = "BN") -> str:
+    """After the layout ops the channels sit on another axis than the one the fold needs."""
+    need = "the BN's channel axis (dim 1)" if where == "BN" else where
+    return f"after {op}, the channels of {owner} are on dim {axis}, not {need}"
+
+
 def transposed_after(layer: str) -> str:
     """Input side: a transposed conv spreads each input over overlapping outputs at the borders."""
     return f"BN before {layer}: the shift does not fold exactly"
@@ -121,6 +133,8 @@ __all__ = [
     "CLONE_HINT",
     "bad_statistics",
     "channel_mismatch",
+    "channel_mixed_by",
+    "channel_moved_by",
     "input_features_not_channels",
     "layer_output_shared",
     "output_features_not_channels",

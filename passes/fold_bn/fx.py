@@ -9,7 +9,6 @@ so a ``meta`` trace can be replayed on real weights) and removes the BN.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -22,7 +21,6 @@ from normrewrite.core.ops import (
     NormInfo,
     batchnorm_info,
     conv_info,
-    flatten_start_end,
     linear_info,
     pad_info,
     set_arg,
@@ -31,6 +29,8 @@ from normrewrite.core.ops import (
 from normrewrite.core.pass_infra import PassContext, Skip, TensorRecipe, compute_tensors
 
 from . import conditions
+from .fx_layout import LayoutOp, carry, chain_after, chain_before, shape_only_use
+from .layout import ChannelAxis
 from .math import Side, bn_affine, fold_input, fold_output
 
 Layer = ConvInfo | LinearInfo
@@ -129,20 +129,21 @@ def match(
         return Skip(bn.label, why)
     reasons: list[str] = []
 
-    # output side: layer → BN
-    layer = _layer(gm, bn.input)
+    # output side: layer → [layout ops] → BN
+    producer, before = chain_before(gm, bn.input)
+    layer = _layer(gm, producer)
     if layer is not None:
-        problem = _output_problem(layer, bn.num_features)
+        problem = _output_problem(layer, bn.num_features, before)
         if problem is None:
             problem, clone = _weights_problem(layer, usage, shared)
             if problem is None:
                 return FoldMatch(bn, layer, Side.OUTPUT, clone=clone)
         reasons.append(problem)
 
-    # input side: BN → layer, or BN → flatten → Linear, or BN → pad → conv
-    users = list(bn.node.users)
+    # input side: BN → [layout ops] → layer, or BN → pad → conv
+    users, after = chain_after(gm, bn.node)
     if len(users) == 1:
-        consumer, repeat, problem = _input_consumer(gm, bn, users[0])
+        consumer, repeat, problem = _input_consumer(gm, bn, users[0], after)
         if consumer is not None and problem is None:
             problem, clone = _weights_problem(consumer, usage, shared)
             if problem is None:
@@ -150,47 +151,57 @@ def match(
         if problem is not None:
             reasons.append(problem)
     elif layer is None:
-        reasons.append(f"no conv/linear feeds it and its output has {len(users)} users")
+        last = after[-1].describe() if after else "its output"
+        reasons.append(f"no conv/linear feeds it and {last} has {len(users)} users")
     if not reasons:
-        producer = bn.input.name if isinstance(bn.input, Node) else "an input"
-        reasons.append(f"no conv/linear directly before or after it (input comes from {producer})")
+        name = producer.name if isinstance(producer, Node) else "an input"
+        reasons.append(f"no conv/linear directly before or after it (input comes from {name})")
     return Skip(bn.label, "; ".join(reasons))
 
 
-def _output_problem(layer: Layer, channels: int | None) -> str | None:
-    why = conditions.layer_output_shared(_named(layer), len(layer.node.users))
+def _value_users(node: Node) -> int:
+    """Users that read the values of ``node``; shape reads (``x.shape``, ``x.size()``,
+    ``aten.sym_size``, the template of ``y.reshape_as(x)``) do not count."""
+    return sum(not shape_only_use(u, node) for u in node.users)
+
+
+def _output_problem(layer: Layer, channels: int | None, ops: list[LayoutOp]) -> str | None:
+    """Why ``layer → ops → BN`` does not fold on the layer's output channels, or None."""
+    why = conditions.layer_output_shared(_named(layer), _value_users(layer.node))
+    for op in ops:
+        why = why or conditions.layer_output_shared(op.describe(), _value_users(op.node))
     if why is not None:
         return why
     shape = node_shape(layer.node)
     if shape is None:
         return f"the output shape of {layer.label} is unknown"
     if isinstance(layer, LinearInfo):
-        why = conditions.output_features_not_channels(_named(layer), shape)
-        if why is not None:
-            return why
-    if isinstance(layer, ConvInfo) and len(shape) != layer.ndim + 2:
-        return f"{_named(layer)} is applied to an unbatched input"
-    return conditions.channel_mismatch(shape[1], channels)
+        if not ops:
+            return conditions.output_features_not_channels(
+                _named(layer), shape
+            ) or conditions.channel_mismatch(shape[-1], channels)
+        start = ChannelAxis(len(shape) - 1, shape[-1])
+    else:
+        if len(shape) != layer.ndim + 2:
+            return f"{_named(layer)} is applied to an unbatched input"
+        start = ChannelAxis(1, shape[1])
+    ch, mixer = carry(start, ops)
+    if mixer is not None:
+        return conditions.channel_mixed_by(mixer.describe(), _named(layer))
+    assert ch is not None  # carry returns an axis when no op mixes it
+    if ops and (ch.axis != 1 or ch.repeat != 1):
+        return conditions.channel_moved_by(ops[-1].describe(), _named(layer), ch.axis, "BN")
+    return conditions.channel_mismatch(ch.size, channels)
 
 
 def _input_consumer(
-    gm: GraphModule, bn: NormInfo, user: Node
+    gm: GraphModule, bn: NormInfo, user: Node, ops: list[LayoutOp]
 ) -> tuple[Layer | None, int, str | None]:
     """(the layer reading the BN's output as its input, features per channel, or the reason not)."""
     shape = node_shape(bn.node)
     rank = len(shape) if shape else 0
-    repeat = 1
     target = user
-    flat = flatten_start_end(gm, user)
-    if flat is not None:
-        _, start, end = flat
-        if start != 1 or end not in (-1, rank - 1) or rank < 2:
-            return None, 1, "it is followed by a flatten that does not keep the batch dim alone"
-        if len(user.users) != 1:
-            return None, 1, "the flatten after it has several users"
-        repeat = math.prod(shape[2:]) if shape else 1
-        target = next(iter(user.users))
-    pad = pad_info(gm, user) if flat is None else None
+    pad = pad_info(gm, user) if not ops else None
     if pad is not None:  # torch.export spells a reflect/replicate/circular conv as pad → conv
         if not pad.commutes_with_channel_affine() or pad.dims > rank - 2:
             return (
@@ -204,20 +215,28 @@ def _input_consumer(
     layer = _layer(gm, target)
     if layer is None:
         return None, 1, None
-    via = user if flat is not None or pad is not None else bn.node
+    via = user if pad is not None else ops[-1].node if ops else bn.node
     if layer.input is not via:
         return None, 1, f"it feeds {layer.label} as a parameter, not as its input"
     if pad is not None and (not isinstance(layer, ConvInfo) or layer.transposed):
         return None, 1, f"a pad between BN and {_named(layer)}"
+    if not shape or rank < 2:
+        return None, 1, f"the output shape of {bn.label} is unknown"
+    ch, mixer = carry(ChannelAxis(1, shape[1]), ops)
+    if mixer is not None:
+        return None, 1, conditions.channel_mixed_by(mixer.describe(), "the BN")
+    assert ch is not None  # carry returns an axis when no op mixes it
+    in_shape = node_shape(layer.input) or ()
     if isinstance(layer, LinearInfo):
-        why = (
-            None
-            if flat is not None
-            else conditions.input_features_not_channels(_named(layer), shape)
-        )
-        return (None, 1, why) if why else (layer, repeat, None)
-    if flat is not None:
-        return None, 1, "a flatten between BN and a conv"
+        if ch.axis == len(in_shape) - 1:
+            return layer, ch.repeat, None
+        if not ops:
+            return None, 1, conditions.input_features_not_channels(_named(layer), shape)
+        where = "its input features (last dim)"
+        return None, 1, conditions.channel_moved_by(ops[-1].describe(), "the BN", ch.axis, where)
+    if ops and (ch.axis != 1 or ch.repeat != 1):
+        where = f"the input channels of {_named(layer)} (dim 1)"
+        return None, 1, conditions.channel_moved_by(ops[-1].describe(), "the BN", ch.axis, where)
     if layer.transposed:
         return None, 1, conditions.transposed_after(f"ConvTranspose {layer.label}")
     zero_padded = not layer.zero_padding() and layer.padding_mode == "zeros"

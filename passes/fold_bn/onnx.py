@@ -42,15 +42,18 @@ from normrewrite.errors import UsageError
 
 from .conditions import (
     bad_statistics,
+    channel_mixed_by,
+    channel_moved_by,
     input_features_not_channels,
     layer_output_shared,
-    output_features_not_channels,
     statistics_not_stored,
     transposed_after,
     uses_batch_statistics,
     zero_padded_after,
 )
+from .layout import ChannelAxis
 from .math import bn_affine, fold_input, fold_output
+from .onnx_layout import carry, chain_after, chain_before, channel_problem, describe, shared_output
 from .options import FoldBatchNormOptions
 
 
@@ -60,6 +63,7 @@ class OnnxFoldMatch:
     layer: ir.Node
     side: Literal["output", "input"]
     add: ir.Node | None = None  # the bias Add after a MatMul (output side)
+    repeat: int = 1  # input side through a flatten: features per channel
 
     def describe(self) -> str:
         where = "after" if self.side == "output" else "before"
@@ -87,35 +91,40 @@ def match(graph: ir.Graph, bn: ir.Node) -> OnnxFoldMatch | str:
     training = bool(_attr(bn, "training_mode", 0)) or any(
         o.uses() or is_graph_output(graph, o) for o in bn.outputs[1:]
     )
-    why = uses_batch_statistics(tracks_running_stats=True, training=training) or statistics_not_stored(
+    why = uses_batch_statistics(
+        tracks_running_stats=True, training=training
+    ) or statistics_not_stored(
         statistics=all(const_array(v) is not None for v in bn.inputs[3:5]),
         affine=all(const_array(v) is not None for v in bn.inputs[1:3]),
     )
     if why:
         return why
-    gamma, beta, mean, var = (torch.from_numpy(const_array(v).astype("float64")) for v in bn.inputs[1:5])
+    gamma, beta, mean, var = (
+        torch.from_numpy(const_array(v).astype("float64")) for v in bn.inputs[1:5]
+    )
     why = bad_statistics(mean, var, gamma, beta)
     if why:
         return why
     x = bn.inputs[0]
     reasons = []
-    layer = x.producer() if x is not None else None
+    layer, before = chain_before(x) if x is not None else (None, [])
     if layer is not None:
-        found = _output_side(graph, bn, layer)
+        found = _output_side(graph, bn, layer, before)
         if isinstance(found, OnnxFoldMatch):
             return found
         if found:
             reasons.append(found)
-    consumer = _single_consumer(graph, bn.outputs[0])
+    out, after = chain_after(graph, bn.outputs[0])
+    consumer = _single_consumer(graph, out)
     if consumer is None:
-        out = bn.outputs[0]
+        whose = f"the output of {describe(after[-1])}" if after else "its output"
         reasons.append(
-            "its output is a graph output"
+            f"{whose} is a graph output"
             if is_graph_output(graph, out)
-            else f"its output has {len(out.uses())} consumers"
+            else f"{whose} has {len(out.uses())} consumers"
         )
     else:
-        found = _input_side(graph, bn, consumer)
+        found = _input_side(graph, bn, consumer, out, after)
         if isinstance(found, OnnxFoldMatch):
             return found
         if found:
@@ -132,7 +141,9 @@ def _weights(graph: ir.Graph, layer: ir.Node, idx: Sequence[int]) -> str | None:
     return None
 
 
-def _output_side(graph: ir.Graph, bn: ir.Node, layer: ir.Node) -> OnnxFoldMatch | str | None:
+def _output_side(
+    graph: ir.Graph, bn: ir.Node, layer: ir.Node, ops: list[ir.Node]
+) -> OnnxFoldMatch | str | None:
     op = layer.op_type
     if op not in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add") or layer.domain not in (
         "",
@@ -156,14 +167,11 @@ def _output_side(graph: ir.Graph, bn: ir.Node, layer: ir.Node) -> OnnxFoldMatch 
             return f"the MatMul {mm.name} output has other consumers than its bias Add"
     out = (add or layer).outputs[0]
     why = layer_output_shared(f"{op} {layer.name}", len(out.uses()) + is_graph_output(graph, out))
+    why = why or shared_output(graph, ops) or channel_problem(layer, out, ops, bn.inputs[0])
     if why:
         return why
-    if op in ("Gemm", "MatMul"):
-        why = output_features_not_channels(f"{op} {layer.name}", _shape(out))
-        if why:
-            return why
-        if op == "MatMul" and const_array(layer.inputs[1]) is None:
-            return f"the MatMul {layer.name} right operand is not a constant"
+    if op == "MatMul" and const_array(layer.inputs[1]) is None:
+        return f"the MatMul {layer.name} right operand is not a constant"
     if op == "Gemm" and float(_attr(layer, "beta", 1.0)) == 0.0 and len(layer.inputs) > 2:
         return f"Gemm {layer.name} has beta=0"
     why = _weights(graph, layer, (1, 2))
@@ -185,13 +193,27 @@ def _output_side(graph: ir.Graph, bn: ir.Node, layer: ir.Node) -> OnnxFoldMatch 
     return OnnxFoldMatch(bn, layer, "output", add)
 
 
-def _input_side(graph: ir.Graph, bn: ir.Node, layer: ir.Node) -> OnnxFoldMatch | str | None:
+def _input_side(
+    graph: ir.Graph, bn: ir.Node, layer: ir.Node, x: ir.Value, ops: list[ir.Node]
+) -> OnnxFoldMatch | str | None:
+    """BN → ``ops`` → ``layer`` reading ``x``."""
     op = layer.op_type
-    if (
-        op not in ("Conv", "ConvTranspose", "Gemm", "MatMul")
-        or layer.inputs[0] is not bn.outputs[0]
-    ):
+    if op not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or layer.inputs[0] is not x:
         return None
+    repeat = 1
+    if ops:
+        shape, x_shape = _shape(bn.outputs[0]), _shape(x)
+        if shape is None or len(shape) < 2 or not isinstance(shape[1], int) or x_shape is None:
+            return f"the shapes around {describe(ops[0])} are unknown"
+        ch, mixer = carry(ChannelAxis(1, shape[1]), ops)
+        if mixer is not None:
+            return channel_mixed_by(describe(mixer), "the BN")
+        assert ch is not None  # carry returns an axis when no op mixes it
+        want = len(x_shape) - 1 if op in ("Gemm", "MatMul") else 1
+        if ch.axis != want or (want == 1 and op not in ("Gemm", "MatMul") and ch.repeat != 1):
+            where = "its input features (last dim)" if want != 1 else f"dim 1 of {op} {layer.name}"
+            return channel_moved_by(describe(ops[-1]), "the BN", ch.axis, where)
+        repeat = ch.repeat
     if op == "ConvTranspose":
         return transposed_after(f"ConvTranspose {layer.name}")
     if op == "Conv":
@@ -202,7 +224,7 @@ def _input_side(graph: ir.Graph, bn: ir.Node, layer: ir.Node) -> OnnxFoldMatch |
         if why:
             return why
     else:
-        why = input_features_not_channels(f"{op} {layer.name}", _shape(bn.outputs[0]))
+        why = None if ops else input_features_not_channels(f"{op} {layer.name}", _shape(x))
         if why:
             return why
         if op == "Gemm" and _attr(layer, "transA", 0):
@@ -210,7 +232,7 @@ def _input_side(graph: ir.Graph, bn: ir.Node, layer: ir.Node) -> OnnxFoldMatch |
         if op == "MatMul" and const_array(layer.inputs[1]) is None:
             return f"the MatMul {layer.name} right operand is not a constant"
     why = _weights(graph, layer, (1, 2))
-    return why or OnnxFoldMatch(bn, layer, "input")
+    return why or OnnxFoldMatch(bn, layer, "input", repeat=repeat)
 
 
 # --------------------------------------------------------------------------- rewrite
@@ -251,7 +273,7 @@ def apply(graph: ir.Graph, m: OnnxFoldMatch) -> None:
             w, bias, scale, shift, transposed=op == "ConvTranspose", groups=groups
         )
     else:
-        new_w, new_b = fold_input(w, bias, scale, shift, groups=groups)
+        new_w, new_b = fold_input(w, bias, scale, shift, groups=groups, repeat=m.repeat)
     dtype = const_array(w_val).dtype
     new_w = new_w / alpha
     new_b = new_b / beta_g
@@ -267,23 +289,20 @@ def apply(graph: ir.Graph, m: OnnxFoldMatch) -> None:
             else b_np.shape
         )
         set_initializer(bias_val, b_np.reshape(shape))
-        out = (m.add or layer).outputs[0]
     elif op == "MatMul":  # a MatMul without bias gets an Add
         b_init = add_initializer(graph, f"{w_val.name}_bias", b_np)
         add = ir.node("Add", [None, b_init], name=f"{layer.name}_bias")
         graph.insert_after(layer, add)
         layer.outputs[0].replace_all_uses_with(add.outputs[0])
         add.replace_input_with(0, layer.outputs[0])
-        out = add.outputs[0]
     else:  # Conv / ConvTranspose / Gemm without bias: add the optional input
         b_init = add_initializer(graph, f"{w_val.name}_bias", b_np)
         layer.resize_inputs(3)
         layer.replace_input_with(2, b_init)
-        out = layer.outputs[0]
-    if m.side == "output":
-        _bypass(graph, bn, out)
+    if m.side == "output":  # the BN's input: the layer's output, or the layout ops' after it
+        _bypass(graph, bn, bn.inputs[0])
     else:
-        layer.replace_input_with(0, bn.inputs[0])
+        bn.outputs[0].replace_all_uses_with(bn.inputs[0])
         _drop(graph, bn)
 
 
