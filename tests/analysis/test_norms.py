@@ -130,3 +130,50 @@ def test_inspect_promises_what_convert_does_on_llama(llama: nn.Module) -> None:
     report = normrewrite.convert(llama, ["fuse-norm"], ids).report
     done = {c.target for p in report.passes for c in p.changes}
     assert promised == done and len(promised) == 5
+
+
+def _resnet() -> nn.Module:
+    cfg = transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"
+    )
+    return transformers.ResNetModel(cfg)
+
+
+def _qwen2() -> nn.Module:
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**_SMALL))
+
+
+def _levit() -> nn.Module:
+    cfg = transformers.LevitConfig(
+        image_size=32,
+        hidden_sizes=[16, 32],
+        num_attention_heads=[1, 2],
+        depths=[1, 1],
+        key_dim=[8, 8],
+        patch_size=16,
+        down_ops=[["Subsample", 8, 2, 4, 2, 2]],
+    )
+    return transformers.LevitModel(cfg)
+
+
+@pytest.mark.parametrize(
+    ("build", "shape", "pass_name"),
+    [
+        (_resnet, (1, 3, 32, 32), "fold-bn"),
+        (_levit, (1, 3, 32, 32), "fold-bn"),
+        (_qwen2, None, "fuse-norm"),
+    ],
+)
+def test_inspect_promises_what_convert_does(build, shape, pass_name: str) -> None:
+    torch.manual_seed(0)
+    model = build().eval()
+    inputs = (_ids() if shape is None else torch.randn(shape),)
+    result = normrewrite.inspect(model, inputs)
+    promised = {
+        n.name
+        for n in result.norms
+        if pass_name in n.actions and not n.actions[pass_name].startswith(("not", "refused"))
+    }
+    report = normrewrite.convert(model, [pass_name], inputs).report
+    done = {c.target for p in report.passes for c in p.changes}
+    assert promised == done and promised
