@@ -115,6 +115,21 @@ def test_symbolic_trace_hand_written_rmsnorm() -> None:
     assert (norm.kind, norm.scale, norm.eps, norm.form) == ("rmsnorm", "gamma", 1e-5, "written")
 
 
+class _L2(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(x, dim=-1, eps=1e-6)
+
+
+@pytest.mark.parametrize("trace", ["export", "symbolic_trace"])
+def test_l2_normalize(trace: str) -> None:
+    x = torch.randn(2, 3, 8)
+    gm = _export(_L2(), x) if trace == "export" else torch.fx.symbolic_trace(_L2())
+    if trace == "symbolic_trace":
+        ShapeProp(gm).propagate(x)
+    (norm,) = find_norms(gm)
+    assert (norm.kind, norm.axes, norm.eps) == ("l2norm", (2,), 1e-6)
+
+
 def test_unknown_normalization_like_has_a_reason() -> None:
     gm = _export(_ChannelMean(), torch.randn(2, 4, 8))
     (norm,) = find_norms(gm)
