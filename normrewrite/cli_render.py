@@ -133,7 +133,8 @@ def render_inspect(result: Any, out: Console) -> None:
         f"{result.nodes} ops, {len(result.norms)} norm layers"
     )
     table = Table()
-    for col in ("block", "name", "type", "placement", "shape", "eps", "what passes could do"):
+    for col in ("block", "name", "kind", "placement", "shape", "axes", "eps", "affine",
+                "what passes could do"):
         table.add_column(col, overflow="fold")
     previous = None
     for n in result.norms:
@@ -145,7 +146,9 @@ def render_inspect(result: Any, out: Console) -> None:
             n.type,
             n.placement,
             "x".join(map(str, n.shape)) if n.shape else "?",
+            "?" if n.axes is None else ",".join(map(str, n.axes)),
             "-" if n.eps is None else f"{n.eps:g}",
+            (n.scale.replace("gamma", "γ") if n.scale != "none" else "-") + (" +β" if n.shift else ""),
             escape(acts),
         )
         previous = block

@@ -67,3 +67,15 @@ def placement(node: ir.Node) -> Placement:
     if len(x.uses()) > 1 and any(u.node.op_type == "Add" for u in x.uses()):
         return "pre"
     return "other"
+
+
+def decomposed_kind(node: ir.Node) -> str:
+    """The kind of the decomposed norm a :func:`decomposed_norms` ``ReduceMean`` starts: layernorm
+    when it averages a centred value (``x − mean(x)``, squared), rmsnorm when it averages ``x²``."""
+    src = node.inputs[0]
+    prod = src.producer() if src is not None else None
+    if prod is None or prod.op_type not in ("Pow", "Mul"):
+        return "unknown"
+    base = prod.inputs[0]
+    base_prod = base.producer() if base is not None else None
+    return "layernorm" if base_prod is not None and base_prod.op_type == "Sub" else "rmsnorm"

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from normrewrite.analysis.norms import Norm, find_norms
 from normrewrite.analysis.residual import norm_placements
 from normrewrite.analysis.scale_invariance import analyze
-from normrewrite.core.graph import count_ops, node_label, node_shape
-from normrewrite.core.ops import norms
+from normrewrite.core.graph import count_ops, node_shape
 from normrewrite.core.pass_infra import PassContext
 from normrewrite.errors import UsageError
 from normrewrite.load.inputs import InputSpec, describe
@@ -55,16 +55,23 @@ def inspect(
             actions.setdefault(node_name, {})[cls.name] = text
     placed = {p.norm.node: p for p in norm_placements(gm)}
     entries = []
-    for info in norms(gm):
-        shape = node_shape(info.node)
+    for norm in find_norms(gm):
+        shape = node_shape(norm.input if norm.kind == "weightnorm" else norm.node)
+        acts: dict[str, str] = {}
+        for n in norm.nodes:
+            acts.update(actions.get(n.name, {}))
+        if not acts:
+            acts = {"-": _no_action(norm)}
         entries.append(
             NormEntry(
-                name=node_label(info.op_node or info.node), type=info.kind,
-                shape=list(shape) if shape else None, eps=info.eps,
-                affine=info.has_weight or info.has_bias, node=info.node.name,
-                actions=actions.get((info.op_node or info.node).name, {}),
-                placement=placed[info.node].placement if info.node in placed else "other",
-                block=placed[info.node].block if info.node in placed else None,
+                name=norm.label, type=norm.kind,
+                shape=list(shape) if shape else None, eps=norm.eps,
+                affine=norm.scale != "none" or norm.shift, node=norm.node.name,
+                actions=acts,
+                placement=placed[norm.node].placement if norm.node in placed else "other",
+                block=placed[norm.node].block if norm.node in placed else None,
+                axes=None if norm.axes is None else list(norm.axes), scale=norm.scale,
+                shift=norm.shift, form=norm.form, casts=list(norm.casts), reason=norm.reason,
             )
         )
     si = analyze(gm)
@@ -72,10 +79,26 @@ def inspect(
                          count_ops(gm), {"summary": si.summary(), **si.to_json()})
 
 
+def _no_action(norm: Norm) -> str:
+    """Why no registered pass acts on ``norm``."""
+    if norm.kind == "unknown":
+        return f"unknown normalization-like: {norm.reason}"
+    if norm.kind == "weightnorm":
+        return "weight norm: no pass matched it (remove-weight-norm folds stored g/v)"
+    if norm.kind in ("l2norm", "grn"):
+        return f"{norm.kind}: no pass rewrites this kind"
+    return "no pass matches this norm"
+
+
 def _inspect_onnx(path: Path, limits: OnnxLimits | None = None) -> InspectResult:
     """``inspect`` of an ONNX model: its norm ops, their placement, and what the ONNX passes
     could do (BatchNorms to fold, decomposed norms to fuse)."""
-    from normrewrite.analysis.onnx_norms import norm_nodes, placement
+    from normrewrite.analysis.onnx_norms import (
+        decomposed_kind,
+        decomposed_norms,
+        norm_nodes,
+        placement,
+    )
     from normrewrite.core.onnx_graph import const_array, count_nodes, model_opset
     from normrewrite.load.onnx import load_onnx
     from normrewrite.passes import ONNX_REGISTRY
@@ -94,9 +117,11 @@ def _inspect_onnx(path: Path, limits: OnnxLimits | None = None) -> InspectResult
             (arr := const_array(n.inputs[1])) is None or not (arr == 1).all())
         entries.append(NormEntry(n.name or n.outputs[0].name, n.op_type, shape,
                                  None if eps is None else float(eps.value), bool(affine), n.name,
-                                 actions.get(n.name, {}), placement(n)))
-    for name, acts in actions.items():
-        if "fuse-norm" in acts:
-            entries.append(NormEntry(name, "decomposed (ReduceMean…Sqrt)", None, None, False, name, acts))
+                                 actions.get(n.name, {}), placement(n), form="op"))
+    for n in decomposed_norms(model):
+        kind = decomposed_kind(n)
+        entries.append(NormEntry(n.name, kind, None, None, False, n.name,
+                                 actions.get(n.name, {}), form="decomposed",
+                                 reason="ReduceMean…Sqrt of an unrecognised value" if kind == "unknown" else None))
     inputs = [f"{v.name}: {'x'.join(str(d) for d in (v.shape or ()))}" for v in model.graph.inputs]
     return InspectResult(str(path), f"onnx (opset {model_opset(model)})", inputs, entries, count_nodes(model))

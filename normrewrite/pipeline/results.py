@@ -34,6 +34,13 @@ class NormEntry:
     actions: dict[str, str] = field(default_factory=dict)
     placement: str = "other"  # pre / post / sandwich / final / other (normrewrite.analysis.residual)
     block: str | None = None  # the residual branch it belongs to (module path)
+    # normrewrite.analysis.norms.Norm: normalized axes of the input, affine form, spelling
+    axes: list[int] | None = None
+    scale: str = "none"  # none / gamma / 1+gamma
+    shift: bool = False
+    form: str = "module"  # module / function / aten / written (onnx: op / decomposed)
+    casts: list[str] = field(default_factory=list)
+    reason: str | None = None  # kind "unknown": why it could not be classified
 
 
 @dataclass

@@ -29,8 +29,8 @@ Preconditions, each checked (a near miss is reported with the reason):
   Gemma's ``x · (1 + γ)`` is left as a separate multiply after the fused op (still exact; folding
   the offset would re-parameterise the weight), and the change says so.
 
-Layout: :mod:`.semantics` (what each fx op means), :mod:`.conditions` (ε, axes and γ/β checks on
-plain values), :mod:`.fx` (the matcher and the rewrite); the ONNX form is
+Layout: :mod:`normrewrite.analysis.norms.ops` (what each fx op means), :mod:`~normrewrite.analysis.norms.conditions` (ε, axes and γ/β checks on
+plain values) and :mod:`~normrewrite.analysis.norms.written` (the matcher, shared with ``inspect``); :mod:`.fx` the rewrite; the ONNX form is
 :mod:`normrewrite.passes.fuse_norm.onnx`.
 """
 
@@ -38,14 +38,14 @@ from __future__ import annotations
 
 from torch.fx import GraphModule, Node
 
+from normrewrite.analysis.norms.conditions import NormKind
+from normrewrite.analysis.norms.ops import op_name
 from normrewrite.core.pass_infra import Change, PassContext, Skip
 from normrewrite.core.rewrite import Rewrite, RewritePass
 
 from . import fx
-from .conditions import NormKind
 from .fx import NormPattern
 from .onnx import OnnxFuseNorm
-from .semantics import op_name
 
 
 class _Fuse(Rewrite[NormPattern]):

@@ -10,9 +10,8 @@ from typing import Any
 import torch
 from torch.fx import Node
 
+from normrewrite.analysis.norms.conditions import epsilon, trailing_dims
 from normrewrite.core.graph import node_dtype, node_shape
-
-from .conditions import epsilon, trailing_dims
 
 aten = torch.ops.aten
 

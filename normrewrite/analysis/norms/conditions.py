@@ -1,6 +1,6 @@
-"""fuse-norm's conditions on the values around a written-out norm, independent of the graph form:
+"""Conditions on the values around a written-out norm, independent of the graph form:
 functions of plain values (numbers, shapes, dtypes) returning what they found or why a part is
-not fused. The fx matcher (:mod:`.fx`) uses them; the ONNX rules state the same ideas in
+not fused. The fx matcher (:mod:`.written`) uses them; the ONNX rules state the same ideas in
 :mod:`normrewrite.passes.fuse_norm.onnx` and can call these."""
 
 from __future__ import annotations

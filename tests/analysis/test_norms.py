@@ -1,0 +1,194 @@
+"""The one norm model (normrewrite.analysis.norms): fused, written-out, 1+γ, weight norm and
+unknown norms in real architectures, and inspect listing them with the passes that act."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+import normrewrite
+from normrewrite.analysis.norms import find_norms
+
+
+def _export(model: nn.Module, *args: torch.Tensor) -> torch.fx.GraphModule:
+    return torch.export.export(model.eval(), args, strict=False).module()
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 64, (1, 8))
+
+
+_SMALL = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    use_cache=False,
+)
+
+
+@pytest.fixture(scope="module")
+def llama() -> nn.Module:
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**_SMALL)).eval()
+
+
+def test_llama_rmsnorms_are_written_out_with_gamma(llama: nn.Module) -> None:
+    got = find_norms(_export(llama, _ids()))
+    assert [n.kind for n in got] == ["rmsnorm"] * 5
+    assert all(n.form == "written" and n.scale == "gamma" and n.axes == (2,) for n in got)
+    assert {n.eps for n in got} == {llama.config.rms_norm_eps}
+    assert got[-1].label == "model.norm"
+
+
+@pytest.mark.parametrize(
+    ("config", "model", "kind", "count", "scale"),
+    [
+        (transformers.GemmaConfig, transformers.GemmaForCausalLM, "rmsnorm", 5, "1+gamma"),
+        (transformers.NemotronConfig, transformers.NemotronForCausalLM, "layernorm", 5, "1+gamma"),
+    ],
+)
+def test_one_plus_gamma_scale(config, model, kind: str, count: int, scale: str) -> None:
+    torch.manual_seed(0)
+    extra = {"head_dim": 8} if config is transformers.GemmaConfig else {}
+    gm = _export(model(config(**_SMALL, **extra)), _ids())
+    got = [n for n in find_norms(gm) if n.kind != "unknown"]
+    assert [(n.kind, n.scale) for n in got] == [(kind, scale)] * count
+
+
+def test_bert_fused_layernorms() -> None:
+    cfg = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+    )
+    got = find_norms(_export(transformers.BertModel(cfg), _ids()))
+    assert [n.kind for n in got] == ["layernorm"] * 5
+    assert all(n.form == "aten" and n.scale == "gamma" and n.shift for n in got)
+
+
+def test_wav2vec2_positional_conv_weight_norm() -> None:
+    cfg = transformers.Wav2Vec2Config(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16, 16),
+        conv_stride=(5, 2),
+        conv_kernel=(10, 3),
+        num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2,
+    )
+    got = find_norms(_export(transformers.Wav2Vec2Model(cfg), torch.randn(1, 400)))
+    weight = [n for n in got if n.kind == "weightnorm"]
+    assert len(weight) == 1 and weight[0].axes == (0, 1)  # ‖v‖ over all dims but dim=2
+
+
+class _HandRMSNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(var + 1e-5))
+
+
+class _ChannelMean(nn.Module):
+    """An RMS statistic over dim 1: normalization-like but not a known pattern."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + 1e-6)
+
+
+def test_symbolic_trace_hand_written_rmsnorm() -> None:
+    gm = torch.fx.symbolic_trace(_HandRMSNorm())
+    ShapeProp(gm).propagate(torch.randn(2, 3, 16))  # the matcher needs the feature count
+    (norm,) = find_norms(gm)
+    assert (norm.kind, norm.scale, norm.eps, norm.form) == ("rmsnorm", "gamma", 1e-5, "written")
+
+
+class _L2(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(x, dim=-1, eps=1e-6)
+
+
+@pytest.mark.parametrize("trace", ["export", "symbolic_trace"])
+def test_l2_normalize(trace: str) -> None:
+    x = torch.randn(2, 3, 8)
+    gm = _export(_L2(), x) if trace == "export" else torch.fx.symbolic_trace(_L2())
+    if trace == "symbolic_trace":
+        ShapeProp(gm).propagate(x)
+    (norm,) = find_norms(gm)
+    assert (norm.kind, norm.axes, norm.eps) == ("l2norm", (2,), 1e-6)
+
+
+def test_unknown_normalization_like_has_a_reason() -> None:
+    gm = _export(_ChannelMean(), torch.randn(2, 4, 8))
+    (norm,) = find_norms(gm)
+    assert norm.kind == "unknown" and "not the last dim" in (norm.reason or "")
+
+
+def test_inspect_promises_what_convert_does_on_llama(llama: nn.Module) -> None:
+    ids = (_ids(),)
+    result = normrewrite.inspect(llama, ids)
+    rms = [n for n in result.norms if n.type == "rmsnorm"]
+    assert len(rms) == 5 and all("fuse-norm" in n.actions for n in rms)
+    promised = {n.name for n in rms if n.actions["fuse-norm"].startswith("fusable")}
+    report = normrewrite.convert(llama, ["fuse-norm"], ids).report
+    done = {c.target for p in report.passes for c in p.changes}
+    assert promised == done and len(promised) == 5
+
+
+def _resnet() -> nn.Module:
+    cfg = transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"
+    )
+    return transformers.ResNetModel(cfg)
+
+
+def _qwen2() -> nn.Module:
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**_SMALL))
+
+
+def _levit() -> nn.Module:
+    cfg = transformers.LevitConfig(
+        image_size=32,
+        hidden_sizes=[16, 32],
+        num_attention_heads=[1, 2],
+        depths=[1, 1],
+        key_dim=[8, 8],
+        patch_size=16,
+        down_ops=[["Subsample", 8, 2, 4, 2, 2]],
+    )
+    return transformers.LevitModel(cfg)
+
+
+@pytest.mark.parametrize(
+    ("build", "shape", "pass_name"),
+    [
+        (_resnet, (1, 3, 32, 32), "fold-bn"),
+        (_levit, (1, 3, 32, 32), "fold-bn"),
+        (_qwen2, None, "fuse-norm"),
+    ],
+)
+def test_inspect_promises_what_convert_does(build, shape, pass_name: str) -> None:
+    torch.manual_seed(0)
+    model = build().eval()
+    inputs = (_ids() if shape is None else torch.randn(shape),)
+    result = normrewrite.inspect(model, inputs)
+    promised = {
+        n.name
+        for n in result.norms
+        if pass_name in n.actions and not n.actions[pass_name].startswith(("not", "refused"))
+    }
+    report = normrewrite.convert(model, [pass_name], inputs).report
+    done = {c.target for p in report.passes for c in p.changes}
+    assert promised == done and promised
