@@ -128,10 +128,11 @@ def _embedding(gm: GraphModule, node: Node) -> str | None:
 
 
 _ADD = (
-    {aten.add.Tensor, aten.sub.Tensor},
-    {operator.add, operator.sub, torch.add, torch.sub},
-    {"add", "sub", "__add__", "__sub__"},
+    {aten.add.Tensor, aten.sub.Tensor, aten.add_.Tensor, aten.sub_.Tensor},
+    {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub},
+    {"add", "sub", "__add__", "__sub__", "add_", "sub_"},
 )
+_IN_PLACE = ({aten.add_.Tensor, aten.sub_.Tensor}, {operator.iadd, operator.isub}, {"add_", "sub_"})
 _SCALE = (
     {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar},
     {operator.mul, operator.truediv, torch.mul, torch.div},
@@ -182,6 +183,9 @@ class _Walk:
         self.axis[node] = axis
         for src, src_axis in self._sources(node, axis, rank):
             self.visit(src, src_axis, node)
+        for u in users(node):  # ``node.add_(y)`` changes what every later reader of node sees
+            if _is(u, *_IN_PLACE) and u.args and u.args[0] is node:
+                self.visit(u, axis, node)
 
     def _writer(self, node: Node, axis: int, rank: int) -> StreamWriter | None:
         gm = self.gm
