@@ -71,6 +71,13 @@ def centre(t: Tensor, dim: int) -> Tensor:
     return (w - w.mean(dim, keepdim=True)).to(t.dtype)
 
 
+def scaled(t: Tensor, lam: Tensor, dim: int) -> Tensor:
+    """``t`` with its index ``i`` along ``dim`` multiplied by ``λ[i]``."""
+    shape = [1] * t.dim()
+    shape[dim] = -1
+    return t * lam.reshape(shape).to(t.dtype)
+
+
 # --------------------------------------------------------------------------- matcher
 
 
@@ -153,9 +160,22 @@ def recentre(gm: GraphModule, ctx: PassContext, p: StreamPlan) -> int:
             if fqn in done:
                 continue
             done.add(fqn)
-            compute_tensors(
-                gm, ctx, [fqn], [fqn], lambda t, d=dim: (centre(t, d),), origin="ln-to-rmsnorm"
-            )
+            if w.scale is None:
+                compute_tensors(
+                    gm, ctx, [fqn], [fqn], lambda t, d=dim: (centre(t, d),), origin="ln-to-rmsnorm"
+                )
+            else:  # fold the layer scale first: C (λ ⊙ W x + λ ⊙ b)
+                compute_tensors(
+                    gm,
+                    ctx,
+                    [fqn],
+                    [fqn, w.scale],
+                    lambda t, lam, d=dim: (centre(scaled(t, lam, d), d),),
+                    origin="ln-to-rmsnorm",
+                )
+        if w.scaled is not None:
+            w.node.replace_all_uses_with(w.scaled)
+            erase_unused(gm, [w.node])
     return len(done)
 
 

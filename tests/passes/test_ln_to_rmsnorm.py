@@ -264,3 +264,25 @@ def test_nemotron_layernorm1p_exact() -> None:
     converted, claimed = _converted_and_claimed(gm)
     assert len(converted) == 5 and converted == claimed
     assert compare(ref, tensor_leaves(gm(ids))).max_rel_err <= 1e-5
+
+
+def test_layer_scale_folded_dinov2() -> None:
+    """DINOv2's ``λ ⊙ F(x)``: λ folded into the branch's output linear, then re-centred."""
+    import transformers as t
+
+    torch.manual_seed(0)
+    cfg = t.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                         image_size=32, patch_size=8)
+    model = models.randomize_norms(t.Dinov2Model(cfg)).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "lambda1"):
+                m.lambda1.copy_(torch.randn(32))
+    x = models.pixels()
+    ref = _ref64(model, x)
+    gm = trace(model, (x,), "export").graph_module
+    n_mul = len(_targets(gm, aten.mul.Tensor))
+    converted, claimed = _converted_and_claimed(gm)
+    assert len(converted) == 5 and converted == claimed
+    assert len(_targets(gm, aten.mul.Tensor)) == n_mul - 4  # the four layer-scale multiplies
+    assert compare(ref, tensor_leaves(gm(x))).max_rel_err <= 1e-5
