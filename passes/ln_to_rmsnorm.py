@@ -53,6 +53,7 @@ from normrewrite.core.graph import (
     node_label,
 )
 from normrewrite.core.ops import NormInfo, norm_info
+from normrewrite.core.ops.args import call_args
 from normrewrite.core.pass_infra import Change, Pass, PassContext, PassResult, Skip, compute_tensors
 
 from .fold_norm_affine import AffineFold, fold_into_layers
@@ -68,6 +69,13 @@ def centre(t: Tensor, dim: int) -> Tensor:
     dt = torch.float64 if t.device.type in ("cpu", "meta", "cuda") else torch.float32
     w = t.to(dt)
     return (w - w.mean(dim, keepdim=True)).to(t.dtype)
+
+
+def scaled(t: Tensor, lam: Tensor, dim: int) -> Tensor:
+    """``t`` with its index ``i`` along ``dim`` multiplied by ``λ[i]``."""
+    shape = [1] * t.dim()
+    shape[dim] = -1
+    return t * lam.reshape(shape).to(t.dtype)
 
 
 # --------------------------------------------------------------------------- matcher
@@ -152,9 +160,22 @@ def recentre(gm: GraphModule, ctx: PassContext, p: StreamPlan) -> int:
             if fqn in done:
                 continue
             done.add(fqn)
-            compute_tensors(
-                gm, ctx, [fqn], [fqn], lambda t, d=dim: (centre(t, d),), origin="ln-to-rmsnorm"
-            )
+            if w.scale is None:
+                compute_tensors(
+                    gm, ctx, [fqn], [fqn], lambda t, d=dim: (centre(t, d),), origin="ln-to-rmsnorm"
+                )
+            else:  # fold the layer scale first: C (λ ⊙ W x + λ ⊙ b)
+                compute_tensors(
+                    gm,
+                    ctx,
+                    [fqn],
+                    [fqn, w.scale],
+                    lambda t, lam, d=dim: (centre(scaled(t, lam, d), d),),
+                    origin="ln-to-rmsnorm",
+                )
+        if w.scaled is not None:
+            w.node.replace_all_uses_with(w.scaled)
+            erase_unused(gm, [w.node])
     return len(done)
 
 
@@ -164,9 +185,13 @@ def to_rmsnorm(gm: GraphModule, info: NormInfo) -> Node:
     features = list(info.normalized_shape or ())
     eps = info.eps if info.eps is not None else 1e-5
     aten_flavour = flavour(gm) is Flavour.ATEN
+    computed = call_args(gm, node) if node.op == "call_function" else {}
     with gm.graph.inserting_before(node):
+        # γ/β computed in the graph (Nemotron's LayerNorm1P reads ``1 + γ``) are kept as computed
         weight = gm.graph.get_attr(info.weight) if info.weight else None
         bias = gm.graph.get_attr(info.bias) if info.bias else None
+        weight = computed.get("weight") if weight is None and info.has_weight else weight
+        bias = computed.get("bias") if bias is None and info.has_bias else bias
         if aten_flavour:
             out = gm.graph.call_function(aten.rms_norm.default, (info.input, features, weight, eps))
         else:
@@ -178,7 +203,7 @@ def to_rmsnorm(gm: GraphModule, info: NormInfo) -> Node:
             )
             out.meta = dict(info.node.meta)
     for g in (weight, bias):
-        if g is not None:
+        if g is not None and g.op == "get_attr":
             g.meta["val"] = get_tensor(gm, str(g.target))
     info.node.replace_all_uses_with(out)
     erase_unused(gm, [info.node, node])
@@ -240,7 +265,8 @@ class LnToRmsNorm(Pass):
                 info = norm_info(gm, ln)
                 assert info is not None
                 label, folded = info.label, ""
-                if self.options.fold:
+                stored = (info.weight or not info.has_weight) and (info.bias or not info.has_bias)
+                if self.options.fold and stored:
                     m = match_affine(gm, ln, TensorUsage.of(gm))
                     if isinstance(m, AffineFold):
                         fold_into_layers(gm, ctx, m.layers, info.weight, info.bias, "ln-to-rmsnorm")
@@ -256,7 +282,7 @@ class LnToRmsNorm(Pass):
                             }
                         )
                 to_rmsnorm(gm, info)
-                kept = " + β" if info.bias else ""
+                kept = " + β" if info.has_bias else ""
                 changes.append(
                     Change(label, f"LayerNorm → RMSNorm{kept} (eps={info.eps:g}){folded}")
                 )

@@ -47,8 +47,10 @@ class StreamWriter:
     with the dim that indexes the stream's features."""
 
     node: Node
-    kind: str  # "linear" | "conv" | "embedding" | "constant"
+    kind: str  # "linear" | "conv" | "embedding" | "constant" | "scaled"
     tensors: tuple[tuple[str, int], ...]
+    scale: str | None = None  # "scaled": the layer scale λ (D,) of ``λ ⊙ linear(x)``, to fold in
+    scaled: Node | None = None  # "scaled": the value λ multiplies (the linear's output)
 
     @property
     def label(self) -> str:
@@ -128,10 +130,11 @@ def _embedding(gm: GraphModule, node: Node) -> str | None:
 
 
 _ADD = (
-    {aten.add.Tensor, aten.sub.Tensor},
-    {operator.add, operator.sub, torch.add, torch.sub},
-    {"add", "sub", "__add__", "__sub__"},
+    {aten.add.Tensor, aten.sub.Tensor, aten.add_.Tensor, aten.sub_.Tensor},
+    {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub},
+    {"add", "sub", "__add__", "__sub__", "add_", "sub_"},
 )
+_IN_PLACE = ({aten.add_.Tensor, aten.sub_.Tensor}, {operator.iadd, operator.isub}, {"add_", "sub_"})
 _SCALE = (
     {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar},
     {operator.mul, operator.truediv, torch.mul, torch.div},
@@ -182,9 +185,15 @@ class _Walk:
         self.axis[node] = axis
         for src, src_axis in self._sources(node, axis, rank):
             self.visit(src, src_axis, node)
+        for u in users(node):  # ``node.add_(y)`` changes what every later reader of node sees
+            if _is(u, *_IN_PLACE) and u.args and u.args[0] is node:
+                self.visit(u, axis, node)
 
     def _writer(self, node: Node, axis: int, rank: int) -> StreamWriter | None:
         gm = self.gm
+        scaled = self._layer_scale(node, axis, rank)
+        if scaled is not None:
+            return scaled
         d = dense_info(gm, node)
         if (
             d is not None
@@ -211,6 +220,30 @@ class _Walk:
             t = get_tensor(gm, str(node.target))
             if t.dim() == rank and t.shape[axis] > 1:
                 return StreamWriter(node, "constant", ((str(node.target), axis),))
+        return None
+
+    def _layer_scale(self, node: Node, axis: int, rank: int) -> StreamWriter | None:
+        """``λ ⊙ linear(x)`` with a stored per-feature λ (layer scale, BEiT/DINOv2/CaiT), the
+        linear's output read only on the way to the multiply."""
+        if not (_is(node, *_SCALE) and node.target in (aten.mul.Tensor, operator.mul)):
+            return None
+        if len(node.args) != 2 or axis != rank - 1:
+            return None
+        for lam, other in (node.args, node.args[::-1]):
+            if not (isinstance(lam, Node) and lam.op == "get_attr" and isinstance(other, Node)):
+                continue
+            t = get_tensor(self.gm, str(lam.target))
+            shape = node_shape(node)
+            if shape is None or t.dim() < 1 or t.numel() != t.shape[-1] != shape[axis]:
+                continue
+            inner = other
+            while len(inner.users) == 1 and _passthrough(self.gm, inner):
+                inner = inner.args[0]
+            if len(inner.users) != 1 or node_shape(inner) != shape:
+                continue
+            w = self._writer(inner, axis, rank)
+            if w is not None and w.kind == "linear":
+                return StreamWriter(node, "scaled", w.tensors, str(lam.target), other)
         return None
 
     def _sources(self, node: Node, axis: int, rank: int) -> list[tuple[Node, int]]:

@@ -207,3 +207,82 @@ def test_onnx_rmsnormalization(tmp_path, unit_weight: bool) -> None:
     # a missing scale is exported as a ConstantOfShape (recomputed per run); ones avoid it
     assert ("ConstantOfShape" in types) != unit_weight
     assert compare(_ref64(model, ids), outs).max_rel_err <= 1e-4
+
+
+class InPlacePreLN(PreLN):
+    """PreLN with the residual written in place (``h.add_``) and a LayerNorm reading ``1 + γ``
+    (Nemotron's ``LayerNorm1P``) as its final norm."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids) + self.pos
+        for ln, up, down in zip(self.lns, self.up, self.down, strict=True):
+            h.add_(down(torch.relu(up(ln(h)))))
+        return torch.nn.functional.layer_norm(h, self.final.normalized_shape, self.final.weight + 1,
+                                              self.final.bias, 1e-6)
+
+
+def _converted_and_claimed(gm: torch.fx.GraphModule) -> tuple[set[str], set[str]]:
+    """(LayerNorms the pass converted, LayerNorms its explain called convertible)."""
+    from normrewrite.core.pass_infra import PassContext
+
+    def layernorms() -> set[str]:
+        return {i.node.name for i in norms(gm) if i.kind == "layernorm"}
+
+    before = layernorms()
+    claimed = {k for k, v in LnToRmsNorm().explain(gm, PassContext()).items()
+               if v.startswith("convertible")}
+    LnToRmsNorm()(gm)
+    return before - layernorms(), claimed
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_in_place_adds_and_one_plus_gamma(tracer: str) -> None:
+    model = models.randomize_norms(InPlacePreLN()).eval()
+    ids = models.token_ids(batch=2, seq=8, vocab=50)
+    ref = _ref64(model, ids)
+    gm = trace(model, (ids,), tracer).graph_module
+    converted, claimed = _converted_and_claimed(gm)
+    assert len(converted) == 3 and converted == claimed  # explain promises what convert does
+    assert not [i for i in norms(gm) if i.kind == "layernorm"]
+    # the 1 + γ of the final norm is kept as computed (folding it away would be wrong)
+    final = [i for i in norms(gm) if i.kind == "rmsnorm"][-1]
+    assert final.weight is None and final.has_weight
+    assert compare(ref, [gm(ids)]).max_rel_err <= 1e-5
+
+
+def test_nemotron_layernorm1p_exact() -> None:
+    import transformers as t
+
+    torch.manual_seed(0)
+    cfg = t.NemotronConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                           intermediate_size=64, max_position_embeddings=64, use_cache=False)
+    model = models.randomize_norms(t.NemotronModel(cfg)).eval()
+    ids = models.token_ids()
+    ref = _ref64(model, ids)
+    gm = trace(model, (ids,), "export").graph_module
+    converted, claimed = _converted_and_claimed(gm)
+    assert len(converted) == 5 and converted == claimed
+    assert compare(ref, tensor_leaves(gm(ids))).max_rel_err <= 1e-5
+
+
+def test_layer_scale_folded_dinov2() -> None:
+    """DINOv2's ``λ ⊙ F(x)``: λ folded into the branch's output linear, then re-centred."""
+    import transformers as t
+
+    torch.manual_seed(0)
+    cfg = t.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                         image_size=32, patch_size=8)
+    model = models.randomize_norms(t.Dinov2Model(cfg)).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "lambda1"):
+                m.lambda1.copy_(torch.randn(32))
+    x = models.pixels()
+    ref = _ref64(model, x)
+    gm = trace(model, (x,), "export").graph_module
+    n_mul = len(_targets(gm, aten.mul.Tensor))
+    converted, claimed = _converted_and_claimed(gm)
+    assert len(converted) == 5 and converted == claimed
+    assert len(_targets(gm, aten.mul.Tensor)) == n_mul - 4  # the four layer-scale multiplies
+    assert compare(ref, tensor_leaves(gm(x))).max_rel_err <= 1e-5
