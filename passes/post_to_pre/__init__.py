@@ -25,7 +25,11 @@ Preconditions: residual connections are found structurally (:mod:`normrewrite.an
 with none is refused (:class:`~normrewrite.errors.PassError`). A norm whose parameters are computed
 in the graph, and (for ``pre-to-post``) a residual sum whose branches read two different pre norms
 (GPT-NeoX parallel blocks: there is no single post norm to move them to), are skipped with the
-reason. Both graph flavours work: ``call_module`` norms are moved as module calls, ATen norms with
+reason. Every norm placed ``post`` is moved or listed in ``skipped``: a written-out norm (no fused
+op to move: run ``fuse-norm`` first), and a res-post norm ``x + N(F(x))`` (Swin-v2, OLMo-2), which
+normalizes a branch output rather than the sum — its block is not Post-Norm, and moving ``N`` onto
+the branch input would be another model, not this rewrite. A model with no Post-Norm block says so
+in a note (how many blocks are Pre-Norm / res-post). Both graph flavours work: ``call_module`` norms are moved as module calls, ATen norms with
 their ``get_attr`` parameter reads.
 """
 
@@ -34,7 +38,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-import networkx as nx
 from torch.fx import GraphModule, Node
 
 from normrewrite.analysis.residual import (
@@ -43,10 +46,7 @@ from normrewrite.analysis.residual import (
     norm_placements,
     residual_adds,
     residual_sums,
-    source,
 )
-from normrewrite.core.graph import to_networkx
-from normrewrite.core.ops import norm_info
 from normrewrite.core.pass_infra import Change, PassContext, PassResult, Skip
 from normrewrite.core.rewrite import M, Rewrite, RewritePass, Sweep, rewrite_each
 from normrewrite.errors import PassError, UsageError
@@ -99,8 +99,17 @@ def _where(p: NormPlacement) -> str:
     return f"block {p.block}" if p.block else f"residual {p.step}"
 
 
+WRITTEN_OUT = "written-out norm: run fuse-norm first"
+RES_POST = (
+    "res-post norm x + N(F(x)): it normalizes the branch output, not the residual sum, so the "
+    "block is not Post-Norm (its stream is never normalized, as in Pre-Norm); left in place"
+)
+
+
 def _params_problem(p: NormPlacement) -> str | None:
-    info = p.norm
+    info = p.norm.info
+    if info is None:
+        return WRITTEN_OUT
     computed = (info.has_weight and info.weight is None) or (info.has_bias and info.bias is None)
     if computed and info.node.op != "call_module":
         return "its parameters are computed in the graph, not stored"
@@ -112,16 +121,15 @@ def _branches_of(res: list[ResidualAdd], total: Node) -> list[ResidualAdd]:
 
 
 def match_post(
-    gm: GraphModule,
-    p: NormPlacement,
-    res: list[ResidualAdd],
-    g: nx.DiGraph,
-    sums: set[str],
-    planned: bool = False,
+    gm: GraphModule, p: NormPlacement, res: list[ResidualAdd], planned: bool = False
 ) -> PostBlock | Skip | None:
     """``planned``: ``p`` was a post norm when the pass started (once the other blocks are
     rewritten, the last block's post norm looks like a final norm)."""
-    if p.residual is None or not (p.placement == "post" or (planned and p.placement == "final")):
+    if p.residual is None:
+        return None
+    if p.placement == "res-post":
+        return Skip(p.norm.label, RES_POST)
+    if not (p.placement == "post" or (planned and p.placement == "final")):
         return None
     problem = _params_problem(p)
     if problem:
@@ -132,7 +140,7 @@ def match_post(
     entries = {n for r in branches for n in r.entries}
     if not entries:
         return Skip(p.norm.label, "its branch does not read the skip value directly")
-    last = not (nx.descendants(g, p.norm.node.name) & sums)
+    last = not p.continues
     ordered = tuple(n for n in gm.graph.nodes if n in entries)
     return PostBlock(p, skip, total, ordered, last)
 
@@ -151,10 +159,11 @@ def match_pre(
     if problem:
         return Skip(p.norm.label, problem)
     total = p.residual.sum
-    readers = set()
-    for r in _branches_of(res, total):
-        for q in norm_nodes_in(gm, r):
-            readers.add(q)
+    readers = {
+        q.norm.node
+        for q in places
+        if q.placement == "pre" and q.residual is not None and q.residual.sum is total
+    }
     if len(readers) > 1:
         return Skip(
             p.norm.label,
@@ -169,18 +178,36 @@ def match_pre(
     return PreBlock(p, p.residual.skip, total, finals)
 
 
-def norm_nodes_in(gm: GraphModule, r: ResidualAdd) -> list[Node]:
-    """Output nodes of the norms at the start of ``r``'s branch (normalizing the skip value)."""
-    out = []
-    for n in r.branch_nodes:
-        info = norm_info(gm, n)
-        if (
-            info is not None
-            and isinstance(info.input, Node)
-            and source(gm, info.input) is source(gm, r.skip)
-        ):
-            out.append(info.node)
-    return out
+def block_kinds(places: list[NormPlacement], res: list[ResidualAdd]) -> dict[str, int]:
+    """How many residual blocks (sums) are Post-Norm, Pre-Norm, res-post or without a norm."""
+    on: dict[Node, set[str]] = {s: set() for s in residual_sums(res)}
+    for p in places:
+        if p.residual is not None and p.residual.sum in on:
+            on[p.residual.sum].add(p.placement)
+    counts: dict[str, int] = {}
+    for kinds in on.values():
+        if "post" in kinds:
+            kind = "Post-Norm"
+        elif "pre" in kinds:
+            kind = "Pre-Norm"
+        elif "res-post" in kinds:
+            kind = "res-post"
+        else:
+            kind = "without a norm"
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def _nothing_moved(blocks: dict[str, int], skipped: int) -> str:
+    total = sum(blocks.values())
+    if blocks.get("Post-Norm"):
+        return f"no block moved: {blocks['Post-Norm']} Post-Norm blocks, all skipped (see skipped)"
+    if len(blocks) == 1:
+        text = f"no Post-Norm blocks: all {total} blocks are {next(iter(blocks))}"
+    else:
+        parts = ", ".join(f"{n} {kind}" for kind, n in blocks.items())
+        text = f"no Post-Norm blocks: {total} blocks ({parts})"
+    return text + (f"; {skipped} norms skipped (see skipped)" if skipped else "; nothing to do")
 
 
 # --------------------------------------------------------------------------- passes
@@ -213,25 +240,22 @@ class _MoveNorms(Rewrite[M]):
         return self.places
 
     def key(self, candidate: NormPlacement) -> str:
-        return (candidate.norm.op_node or candidate.norm.node).name
+        return (candidate.norm.nodes or (candidate.norm.node,))[0].name
 
 
 class _PostToPre(_MoveNorms[PostBlock]):
     def __init__(self, gm: GraphModule, ctx: PassContext) -> None:
         super().__init__(gm, ctx)
-        # post norms when the pass started: once the other blocks are rewritten, the last
-        # block's post norm looks like a final norm
-        self.planned = {p.norm.node.name for p in self.places if p.placement == "post"}
-        self.view: tuple[list[ResidualAdd], nx.DiGraph, set[str]] | None = None
+        # post (and res-post) norms when the pass started: once the other blocks are rewritten,
+        # the last block's post norm looks like a final norm
+        self.planned = {
+            p.norm.node.name for p in self.places if p.placement in ("post", "res-post")
+        }
 
     def match(self, candidate: NormPlacement) -> PostBlock | Skip | None:
         if candidate.norm.node.name not in self.planned:
             return None
-        if self.view is None or self.view[0] is not self.residuals:  # once per analysis
-            sums = {s.name for s in residual_sums(self.residuals)}
-            self.view = (self.residuals, to_networkx(self.gm), sums)
-        _, g, sums = self.view
-        return match_post(self.gm, candidate, self.residuals, g, sums, planned=True)
+        return match_post(self.gm, candidate, self.residuals, planned=True)
 
     def apply(self, found: PostBlock) -> Change:
         change = Change(found.placement.norm.label, found.describe())
@@ -290,12 +314,10 @@ class PostToPre(RewritePass):
         teacher = None
         if self.options.heal:
             teacher = ctx.reference if ctx.reference is not None else copy.deepcopy(gm)
+        blocks = block_kinds(rewrite.places, rewrite.residuals)
         result = rewrite_each(rewrite, self.sweep)
         if not result.changes:
-            kinds = sorted({p.placement for p in rewrite.places})
-            result.notes.append(
-                f"no Post-Norm blocks found (norm placements: {', '.join(kinds) or 'none'}); nothing to do"
-            )
+            result.notes.append(_nothing_moved(blocks, len(result.skipped)))
             return result
         result.notes.append(
             "post-to-pre changes the architecture: the output differs from the original "
@@ -338,6 +360,8 @@ class PreToPost(RewritePass):
 
 
 __all__ = [
+    "RES_POST",
+    "WRITTEN_OUT",
     "PostBlock",
     "PostToPre",
     "PreBlock",

@@ -23,10 +23,8 @@ def _copy(*tensors: Tensor) -> tuple[Tensor, ...]:
 
 
 def norm_ops(p: NormPlacement) -> list[Node]:
-    info = p.norm
-    if info.op_node is not None and info.op_node is not info.node:
-        return [info.op_node, info.node]
-    return [info.node]
+    """The nodes of a fused norm op, in graph order (the op, and the item of it that is read)."""
+    return list(p.norm.nodes) or [p.norm.node]
 
 
 def copy_norm(
@@ -64,7 +62,8 @@ def _final_params(
 ) -> tuple[str, dict[str, str]]:
     """A new module path for a final norm and its parameters, copied from ``p``'s:
     (path, old FQN → new FQN); for a ``call_module`` norm the path is a copy of its module."""
-    info = p.norm
+    info = p.norm.info
+    assert info is not None  # the matchers skip written-out norms
     base, i = "final_norm", 1
     while hasattr(gm, base):
         base, i = f"final_norm_{i}", i + 1

@@ -12,12 +12,12 @@ and healing reducing the output error.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 
 import models
 import pytest
 import torch
-from normrewrite.passes import PostToPre, PreToPost
 from test_residual import encoder, ids, neox, placements, traced
 from torch import nn
 from torch.fx import GraphModule
@@ -26,8 +26,9 @@ import normrewrite
 from normrewrite.analysis.residual import norm_placements, residual_adds, residual_sums, source
 from normrewrite.core.graph import get_tensor
 from normrewrite.core.ops import norms
-from normrewrite.core.pass_infra import PassContext
+from normrewrite.core.pass_infra import PassContext, Skip
 from normrewrite.errors import PassError, UsageError
+from normrewrite.passes import PostToPre, PreToPost
 from normrewrite.verify import tensor_leaves
 
 BERT_LAYERS = 2
@@ -111,7 +112,7 @@ def test_bert_post_to_pre_structure_and_parameters() -> None:
     # each moved norm reads the same stored tensors as before
     for p in norm_placements(gm):
         if p.placement == "pre":
-            assert p.norm.weight == f"{p.norm.label}.weight"
+            assert p.norm.info is not None and p.norm.info.weight == f"{p.norm.label}.weight"
 
     # trainable: a backward pass reaches the moved and the added norms
     out = gm(*bert_inputs())
@@ -227,16 +228,16 @@ def test_parallel_residual_with_two_pre_norms_is_skipped() -> None:
 def test_sandwich_pre_to_post_keeps_branch_output_norms() -> None:
     gm = traced(encoder("sandwich"), ids(), "export")
     PreToPost()(gm, PassContext())
-    # x + LN2(F(LN1(x))) → LN1(x + LN2(F(x))): the branch-output norm stays, now without a pre norm
+    # x + LN2(F(LN1(x))) → LN1(x + LN2(F(x))): the branch-output norm stays, now res-post
     assert placements(gm) == [
         ("emb_norm", "other"),
-        ("blocks.0.ln1_out", "other"),
+        ("blocks.0.ln1_out", "res-post"),
         ("blocks.0.ln1", "post"),
-        ("blocks.0.ln2_out", "other"),
+        ("blocks.0.ln2_out", "res-post"),
         ("blocks.0.ln2", "post"),
-        ("blocks.1.ln1_out", "other"),
+        ("blocks.1.ln1_out", "res-post"),
         ("blocks.1.ln1", "post"),
-        ("blocks.1.ln2_out", "other"),
+        ("blocks.1.ln2_out", "res-post"),
         ("blocks.1.ln2", "post"),
     ]
 
@@ -366,3 +367,98 @@ def test_parallel_residual_with_one_shared_norm_round_trips() -> None:
         reference, (16,), get_tensor(gm, "final_norm.weight"), get_tensor(gm, "final_norm.bias")
     )
     assert rel(final, gm(x).detach()) < 1e-6
+
+
+# --------------------------------------------------------------------------- no silent partial conversion
+
+
+def _hf(name: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    import transformers as t
+
+    torch.manual_seed(0)
+    ids_ = models.token_ids()
+    seq2seq = dict(
+        vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        max_position_embeddings=64, use_cache=False, pad_token_id=0, decoder_start_token_id=0,
+    )  # fmt: skip
+    if name == "bart":
+        model = t.BartModel(t.BartConfig(**seq2seq))
+        inputs: tuple[torch.Tensor, ...] = (ids_,)
+    elif name == "marian":
+        model = t.MarianModel(t.MarianConfig(**seq2seq))
+        inputs = (ids_, torch.ones_like(ids_), ids_)
+    elif name == "xlm":
+        cfg = t.XLMConfig(vocab_size=100, emb_dim=32, n_layers=2, n_heads=2)
+        model, inputs = t.XLMModel(cfg), (ids_,)
+    elif name == "funnel":
+        cfg = t.FunnelConfig(
+            vocab_size=100, d_model=32, n_head=2, d_head=16, d_inner=64, block_sizes=[1, 1],
+            num_decoder_layers=1,
+        )  # fmt: skip
+        model, inputs = t.FunnelModel(cfg), (ids_,)
+    elif name == "swinv2":
+        cfg = t.Swinv2Config(
+            image_size=32,
+            patch_size=4,
+            embed_dim=16,
+            depths=[1, 1],
+            num_heads=[2, 2],
+            window_size=4,
+        )
+        model, inputs = t.Swinv2Model(cfg), (models.pixels(),)
+    elif name == "bert":
+        model, inputs = models.bert(), (ids_,)
+    else:
+        model, inputs = models.gpt2(), (ids_,)
+    return models.randomize_norms(model).eval(), inputs
+
+
+@pytest.mark.parametrize(
+    ("name", "moved", "note"),
+    [
+        ("bart", 10, None),  # the encoder's last final_layer_norm too: a post norm
+        ("marian", 10, None),
+        ("xlm", 4, None),  # its post norms are followed by a mask multiply
+        ("funnel", 6, None),
+        ("bert", 4, None),
+        (
+            "swinv2",
+            0,
+            "no Post-Norm blocks: all 4 blocks are res-post; 4 norms skipped (see skipped)",
+        ),
+        ("gpt2", 0, "no Post-Norm blocks: all 4 blocks are Pre-Norm; nothing to do"),
+    ],
+)
+def test_every_post_norm_is_moved_or_skipped(name: str, moved: int, note: str | None) -> None:
+    """Every norm placed ``post`` before the pass is ``pre``/``final`` after it or named in
+    ``skipped`` with its reason — never left Post-Norm silently."""
+    model, inputs = _hf(name)
+    gm = traced(model, inputs)
+    before = dict(placements(gm))
+    result = PostToPre()(gm, PassContext())
+    skipped = {s.target: s.reason for s in result.skipped}
+    after = dict(placements(gm))
+    posts = [n for n, p in before.items() if p == "post"]
+    assert len(posts) == moved == len(result.changes)
+    for n in posts:
+        assert after.get(n) in ("pre", "final") or n in skipped, (n, after.get(n))
+    assert "post" not in after.values()
+    for n, p in before.items():
+        if p == "res-post":  # x + N(F(x)): not a Post-Norm block, refused with the reason
+            assert after[n] == "res-post" and "res-post norm" in skipped[n]
+    if note is not None:
+        assert result.notes == [note]
+    else:
+        assert result.modified
+
+
+def test_written_out_post_norm_is_skipped_with_reason() -> None:
+    from normrewrite.passes.post_to_pre import WRITTEN_OUT, match_post
+
+    gm = traced(encoder("post"), ids(), "export")
+    res = residual_adds(gm)
+    p = next(q for q in norm_placements(gm, res) if q.placement == "post")
+    written = dataclasses.replace(p, norm=dataclasses.replace(p.norm, info=None, form="written"))
+    found = match_post(gm, written, res)
+    assert isinstance(found, Skip) and found.reason == WRITTEN_OUT

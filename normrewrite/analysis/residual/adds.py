@@ -1,4 +1,4 @@
-"""Residual-stream analysis: where a value joins a branch computed from it, and where norms sit.
+"""Residual adds: where a value joins a branch computed from it.
 
 A *residual add* is an addition ``s = x + F(x)`` whose one operand (the *skip*, the residual
 stream ``x``) reaches the other (the *branch* output ``F(x)``) in the data-flow graph, through
@@ -11,16 +11,6 @@ the skip need not dominate the branch), reshapes, GELU. Sums of several terms
 so every branch of the sum is found whatever order the terms are added in. Adds whose branch holds
 no weighted layer (the ``x + 0.044715·x³`` inside a tanh-GELU) are not residuals.
 
-On top of that, :func:`norm_placements` classifies every norm (:func:`normrewrite.core.ops.norms`):
-
-* ``pre`` — it normalizes the skip value, and feeds the branch (``x + F(LN(x))``);
-* ``post`` — it normalizes a residual sum that the next block reads (``LN(x + F(x))``), or the
-  last sum when that block's branches have no pre norm;
-* ``sandwich`` — it is the last op of a branch that also has a pre norm
-  (``x + LN2(F(LN1(x)))``, Peri-LN / Gemma);
-* ``final`` — it normalizes the last residual sum, and that block is pre-normed;
-* ``other`` — anything else (an embedding norm, a QK-norm inside attention, a CNN's BatchNorm).
-
 Everything here only reads the graph.
 """
 
@@ -29,19 +19,15 @@ from __future__ import annotations
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
 
 import networkx as nx
 import torch
 from torch.fx import GraphModule, Node
 
 from normrewrite.core.graph import module_path, node_shape, to_networkx
-from normrewrite.core.ops import NormInfo, conv_info, linear_info, norms
+from normrewrite.core.ops import conv_info, linear_info
 
 aten = torch.ops.aten
-
-Placement = Literal["pre", "post", "sandwich", "final", "other"]
-PLACEMENTS: tuple[str, ...] = ("pre", "post", "sandwich", "final", "other")
 
 # --------------------------------------------------------------------------- op tables
 
@@ -108,17 +94,6 @@ class ResidualAdd:
     def entries(self) -> list[Node]:
         """The branch nodes that read the skip value itself: where the branch starts."""
         return [n for n in self.skip.users if n in self.branch_nodes]
-
-
-@dataclass(frozen=True)
-class NormPlacement:
-    """Where a norm sits relative to the residual stream."""
-
-    norm: NormInfo
-    placement: Placement
-    residual: ResidualAdd | None  # the residual (branch or sum) it belongs to
-    step: int | None  # index of that residual sum in graph order (two per transformer layer)
-    block: str | None  # a readable name of the branch (common module path of its layers)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -272,95 +247,13 @@ def block_name(r: ResidualAdd) -> str | None:
     return ".".join(common) or None
 
 
-# --------------------------------------------------------------------------- norm placement
-
-
-def norm_placements(
-    gm: GraphModule, residuals: list[ResidualAdd] | None = None
-) -> list[NormPlacement]:
-    """Classify every norm of ``gm`` as pre / post / sandwich / final / other (graph order)."""
-    g = to_networkx(gm)
-    res = residual_adds(gm, g) if residuals is None else residuals
-    sums = residual_sums(res)
-    step_of = {s: i for i, s in enumerate(sums)}
-    by_sum: dict[Node, list[ResidualAdd]] = {}
-    for r in res:
-        by_sum.setdefault(r.sum, []).append(r)
-    by_skip: dict[Node, list[ResidualAdd]] = {}
-    for r in res:
-        by_skip.setdefault(source(gm, r.skip), []).append(r)
-    sum_names = {s.name for s in sums}
-
-    infos = norms(gm)
-    first: list[tuple[NormInfo, Placement | None, ResidualAdd | None]] = []
-    pre_branches: set[ResidualAdd] = set()
-    last_sum: set[Node] = set()
-    for info in infos:
-        x = source(gm, info.input) if isinstance(info.input, Node) else None
-        placement: Placement | None = None
-        owner: ResidualAdd | None = None
-        # pre: normalizes a skip value and feeds that branch
-        for r in by_skip.get(x, []) if x is not None else []:
-            if info.node in r.branch_nodes or (
-                info.op_node is not None and info.op_node in r.branch_nodes
-            ):
-                placement, owner = "pre", r
-                pre_branches.add(r)
-                break
-        if placement is None:
-            # last op of a branch: the value added to the stream
-            for r in res:
-                if source(gm, r.branch) is info.node:
-                    placement, owner = "sandwich", r
-                    break
-        if placement is None and x is not None and x in by_sum:
-            owner = by_sum[x][0]
-            downstream = nx.descendants(g, info.node.name) & sum_names
-            chain = _chain(gm, info.node)
-            continues = any(r.skip in chain for r in res)
-            if continues:
-                placement = "post"
-            elif not downstream:  # the last sum: "post" in a post-norm stack, else "final"
-                last_sum.add(info.node)
-        first.append((info, placement, owner))
-
-    out: list[NormPlacement] = []
-    for info, placement, owner in first:
-        if placement == "sandwich" and owner not in pre_branches:
-            placement = "other"  # a norm on a branch output without a pre norm (res-post-norm)
-        if info.node in last_sum and owner is not None:
-            # after the last sum: "final" if that block is pre-normed, else its post norm
-            pre_normed = any(r in pre_branches for r in by_sum[owner.sum])
-            placement = "final" if pre_normed else "post"
-        if placement is None:
-            placement = "other"
-        step = step_of.get(owner.sum) if owner is not None else None
-        out.append(
-            NormPlacement(info, placement, owner, step, block_name(owner) if owner else None)
-        )
-    return out
-
-
-def _chain(gm: GraphModule, node: Node) -> set[Node]:
-    """``node`` and what it flows into through transparent ops."""
-    out = {node}
-    for u in node.users:
-        if is_transparent(gm, u) and u.args and u.args[0] is node:
-            out |= _chain(gm, u)
-    return out
-
-
 __all__ = [
-    "PLACEMENTS",
-    "NormPlacement",
-    "Placement",
     "ResidualAdd",
     "block_name",
     "consumers",
     "is_add",
     "is_transparent",
     "is_weighted",
-    "norm_placements",
     "residual_adds",
     "residual_sums",
     "source",
