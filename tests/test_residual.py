@@ -324,12 +324,8 @@ def _decoder(name: str) -> nn.Module:
     return models.randomize_norms(model).eval()
 
 
-# the norms these models write out (RMSNorm) are seen after fuse-norm; once find_norms sees
-# written-out norms the raw graph must place them the same (the lead flips the xfail at merge)
-@pytest.mark.parametrize(
-    "fused_first",
-    [True, pytest.param(False, marks=pytest.mark.xfail(strict=False, reason="written norms"))],
-)
+# the norms these models write out (RMSNorm) are placed the same before and after fuse-norm
+@pytest.mark.parametrize("fused_first", [True, False])
 @pytest.mark.parametrize(
     ("name", "layer"),
     [
