@@ -1,0 +1,214 @@
+"""The backward walk from the LayerNorms' inputs to the stream's writers."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Set as AbstractSet
+
+import torch
+from torch.fx import GraphModule, Node
+
+from normrewrite.core.graph import get_tensor, node_shape, users
+from normrewrite.core.ops import conv_info, dense_info
+
+from .ops import (
+    _ADD,
+    _IN_PLACE,
+    _SCALE,
+    _VIEW,
+    StreamWriter,
+    _dim,
+    _embedding,
+    _is,
+    _passthrough,
+    _rank,
+)
+
+aten = torch.ops.aten
+
+
+# --------------------------------------------------------------------------- walk
+
+
+class _Walk:
+    def __init__(
+        self, gm: GraphModule, layernorms: set[Node], cuts: AbstractSet[Node] = frozenset()
+    ) -> None:
+        self.gm = gm
+        self.cuts = cuts  # stream values to centre explicitly (their sources are not walked)
+        self.layernorms = layernorms
+        self.axis: dict[Node, int] = {}
+        self.writers: dict[object, StreamWriter] = {}
+        self.problems: dict[Node, str] = {}
+        self.edges: list[tuple[Node, Node]] = []
+
+    def visit(self, node: Node, axis: int, reader: Node) -> None:
+        if node in self.layernorms:  # the stream starts at a LayerNorm's output (BLOOM, CLIP)
+            key = ("out", node)  # a vertex apart from the norm as a reader of its own stream
+            self.edges.append((reader, key))
+            self.writers.setdefault(key, StreamWriter(node, "centre", (), axis=axis))
+            return
+        self.edges.append((reader, node))
+        if node in self.axis or node in self.writers:
+            if self.axis.get(node, axis) != axis:
+                self.problems[node] = f"{node.name} carries the features on two different axes"
+            return
+        rank = _rank(node)
+        if rank is None:
+            self.problems[node] = f"the shape of {node.name} is unknown"
+            return
+        if node in self.cuts:
+            self.writers[node] = StreamWriter(node, "centre", (), axis=axis)
+            return
+        w = self._writer(node, axis, rank)
+        if w is not None:
+            self.writers[node] = w
+            return
+        sources = self._sources(node, axis, rank)
+        if sources is None:  # no weight surgery centres it: subtract the mean after it
+            self.writers[node] = StreamWriter(node, "centre", (), axis=axis)
+            return
+        self.axis[node] = axis
+        for src, src_axis in sources:
+            self.visit(src, src_axis, node)
+        for u in users(node):  # ``node.add_(y)`` changes what every later reader of node sees
+            if _is(u, *_IN_PLACE) and u.args and u.args[0] is node:
+                self.visit(u, axis, node)
+
+    def _writer(self, node: Node, axis: int, rank: int) -> StreamWriter | None:
+        gm = self.gm
+        scaled = self._layer_scale(node, axis, rank)
+        if scaled is not None:
+            return scaled
+        d = dense_info(gm, node)
+        if (
+            d is not None
+            and axis == rank - 1
+            and d.weight is not None
+            and (d.bias or not d.has_bias)
+        ):
+            tensors = ((d.weight, d.out_dim),) + (((d.bias, 0),) if d.bias else ())
+            return StreamWriter(node, "linear", tensors)
+        c = conv_info(gm, node)
+        if (
+            c is not None
+            and axis == 1
+            and not c.transposed
+            and c.groups == 1
+            and c.weight is not None
+            and (c.bias or not c.has_bias)
+        ):
+            return StreamWriter(node, "conv", ((c.weight, 0),) + (((c.bias, 0),) if c.bias else ()))
+        table = _embedding(gm, node)
+        if table is not None and axis == rank - 1:
+            return StreamWriter(node, "embedding", ((table, 1),))
+        if node.op == "get_attr":
+            t = get_tensor(gm, str(node.target))
+            if t.dim() == rank and t.shape[axis] > 1:
+                return StreamWriter(node, "constant", ((str(node.target), axis),))
+        return None
+
+    def _layer_scale(self, node: Node, axis: int, rank: int) -> StreamWriter | None:
+        """``λ ⊙ linear(x)`` with a stored per-feature λ (layer scale, BEiT/DINOv2/CaiT), the
+        linear's output read only on the way to the multiply."""
+        if not (_is(node, *_SCALE) and node.target in (aten.mul.Tensor, operator.mul)):
+            return None
+        if len(node.args) != 2 or axis != rank - 1:
+            return None
+        for lam, other in (node.args, node.args[::-1]):
+            if not (isinstance(lam, Node) and lam.op == "get_attr" and isinstance(other, Node)):
+                continue
+            t = get_tensor(self.gm, str(lam.target))
+            shape = node_shape(node)
+            if shape is None or t.dim() < 1 or t.numel() != t.shape[-1] != shape[axis]:
+                continue
+            inner = other
+            while len(inner.users) == 1 and _passthrough(self.gm, inner):
+                inner = inner.args[0]
+            if len(inner.users) != 1 or node_shape(inner) != shape:
+                continue
+            w = self._writer(inner, axis, rank)
+            if w is not None and w.kind == "linear":
+                return StreamWriter(node, "scaled", w.tensors, str(lam.target), other)
+        return None
+
+    def _sources(self, node: Node, axis: int, rank: int) -> list[tuple[Node, int]] | None:
+        """Where ``node``'s stream features come from, or None if only an explicit mean
+        subtraction after it can centre it (a GELU, a gather, a model input)."""
+        gm, shape = self.gm, node_shape(node)
+        assert shape is not None
+        fail = self.problems.setdefault
+        if _passthrough(gm, node):
+            return [(node.args[0], axis)]
+        if _is(node, *_ADD) and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1:
+            out = []
+            for a in node.args:
+                r = _rank(a)
+                if not isinstance(a, Node) or r is None:
+                    fail(node, f"{node.name} adds a constant to the stream")
+                    return []
+                ax = axis - (rank - r)
+                a_shape = node_shape(a)
+                if ax < 0 or a_shape is None or a_shape[ax] != shape[axis]:
+                    fail(node, f"{node.name} adds a value broadcast across the features")
+                    return []
+                out.append((a, ax))
+            return out
+        if _is(node, *_SCALE) and len(node.args) == 2:
+            a, b = node.args
+            if isinstance(a, Node) and isinstance(b, int | float):
+                return [(a, axis)]
+            if (
+                isinstance(b, Node)
+                and isinstance(a, int | float)
+                and node.target in (aten.mul.Tensor, operator.mul)
+            ):
+                return [(b, axis)]
+        if _is(node, *_VIEW):
+            src = node.args[0]
+            src_shape = node_shape(src)
+            if axis == rank - 1 and src_shape and src_shape[-1] == shape[-1]:
+                return [(src, len(src_shape) - 1)]
+            fail(node, f"{node.name} reshapes the feature dim")
+            return []
+        if _is(node, {aten.transpose.int}, {torch.transpose}, {"transpose"}):
+            src = node.args[0]
+            d0, d1 = (_dim(int(d), rank) for d in node.args[1:3])
+            return [(src, d1 if axis == d0 else d0 if axis == d1 else axis)]
+        if _is(node, {aten.permute.default}, {torch.permute}, set()):
+            return [(node.args[0], _dim(int(node.args[1][axis]), rank))]
+        if _is(node, {aten.flatten.using_ints}, {torch.flatten}, {"flatten"}):
+            src = node.args[0]
+            r_in = _rank(src) or 0
+            start = _dim(int(node.args[1]) if len(node.args) > 1 else 0, r_in)
+            end = _dim(int(node.args[2]) if len(node.args) > 2 else -1, r_in)
+            if axis < start or (axis == start and end == start):
+                return [(src, axis)]
+            if axis > start:
+                return [(src, axis + end - start)]
+            fail(node, f"{node.name} flattens the feature dim with others")
+            return []
+        if _is(node, {aten.cat.default}, {torch.cat}, set()):
+            dim = _dim(int(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)), rank)
+            if dim == axis:
+                fail(node, f"{node.name} concatenates along the features")
+                return []
+            return [(t, axis) for t in node.args[0]]
+        if _is(node, {aten.expand.default}, set(), {"expand"}):
+            src = node.args[0]
+            r = _rank(src) or 0
+            ax = axis - (rank - r)
+            s_shape = node_shape(src)
+            if ax < 0 or not s_shape or s_shape[ax] != shape[axis]:
+                fail(node, f"{node.name} broadcasts across the features")
+                return []
+            return [(src, ax)]
+        if _is(node, {aten.slice.Tensor}, set(), set()):
+            dim = _dim(int(node.args[1]) if len(node.args) > 1 else 0, rank)
+            if dim != axis:
+                return [(node.args[0], axis)]
+        if _is(node, {aten.select.int}, set(), set()):
+            r_in = rank + 1
+            dim = _dim(int(node.args[1]), r_in)
+            return [(node.args[0], axis if axis < dim else axis + 1)]
+        return None
