@@ -343,3 +343,43 @@ def test_explicit_mean_subtraction(build, centred_after: list[str], refused: lis
     assert all("(2 ops: mean, sub" in n for n in result.notes)
     assert len(_targets(gm, aten.mean.dim)) == n_mean + len(centred_after)
     assert compare(ref, tensor_leaves(gm(x))).max_rel_err <= 1e-5
+
+
+def test_falcon_matmul_transposed_weight_writers() -> None:
+    """Falcon's bias-free ``FalconLinear`` is traced as ``x @ W.T``: each is a linear writer."""
+    import transformers as t
+
+    torch.manual_seed(0)
+    cfg = t.FalconConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         new_decoder_architecture=True, num_kv_heads=2, use_cache=False)
+    model, ids = models.randomize_norms(t.FalconModel(cfg)).eval(), models.token_ids()
+    ref = _ref64(model, ids)
+    gm = trace(model, (ids,), "export").graph_module
+    (stream,) = residual_streams(gm)
+    assert [w.kind for w in stream.writers] == ["embedding"] + ["linear"] * 4
+    assert all(w.node.target is aten.matmul.default for w in stream.writers[1:])
+    converted, claimed = _converted_and_claimed(gm)
+    assert len(converted) == 5 and converted == claimed
+    assert get_tensor(gm, "h.0.self_attention.dense.weight").mean(0).abs().max() < 1e-6
+    assert compare(ref, tensor_leaves(gm(ids))).max_rel_err <= 1e-5
+
+
+class MatmulPreLN(PreLN):
+    """PreLN with its down projections written ``x @ W.T`` (symbolic_trace: ``getattr(W, "T")``)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids) + self.pos
+        for ln, up, down in zip(self.lns, self.up, self.down, strict=True):
+            h = h + torch.relu(up(ln(h))) @ down.weight.T
+        return self.final(h)
+
+
+def test_matmul_transposed_weight_fx() -> None:
+    model = models.randomize_norms(MatmulPreLN()).eval()
+    ids = models.token_ids(batch=2, seq=8, vocab=50)
+    ref = _ref64(model, ids)
+    gm = trace(model, (ids,), "fx").graph_module
+    converted, claimed = _converted_and_claimed(gm)
+    assert len(converted) == 3 and converted == claimed
+    assert _targets(gm, torch.mean) == []  # centred by weight surgery, no mean subtraction
+    assert compare(ref, [gm(ids)]).max_rel_err <= 1e-5

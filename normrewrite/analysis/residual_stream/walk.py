@@ -10,6 +10,7 @@ from torch.fx import GraphModule, Node
 
 from normrewrite.core.graph import get_tensor, node_shape, users
 from normrewrite.core.ops import conv_info, dense_info
+from normrewrite.core.ops.layers import matmul_linear_info
 
 from .ops import (
     _ADD,
@@ -80,7 +81,7 @@ class _Walk:
         scaled = self._layer_scale(node, axis, rank)
         if scaled is not None:
             return scaled
-        d = dense_info(gm, node)
+        d = dense_info(gm, node) or matmul_linear_info(node)
         if (
             d is not None
             and axis == rank - 1
