@@ -105,8 +105,9 @@ def plan(
         return skip("no stored tensor writes the stream")
     reads_inside: dict[str, int] = {}
     for w in stream.writers:
-        for fqn, _ in w.tensors:
-            reads_inside[fqn] = reads_inside.get(fqn, 0) + 1
+        for fqn, _ in w.tensors:  # a stored table read by several slices counts each
+            reads = len(w.node.users) if w.node.op == "get_attr" else 1
+            reads_inside[fqn] = reads_inside.get(fqn, 0) + reads
     to_untie: list[str] = []
     for w in stream.writers:
         for fqn, _ in w.tensors:

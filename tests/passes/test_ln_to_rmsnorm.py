@@ -383,3 +383,39 @@ def test_matmul_transposed_weight_fx() -> None:
     assert len(converted) == 3 and converted == claimed
     assert _targets(gm, torch.mean) == []  # centred by weight surgery, no mean subtraction
     assert compare(ref, [gm(ids)]).max_rel_err <= 1e-5
+
+
+class TablePreLN(PreLN):
+    """Position rows and a class token reach the stream through ``index_select``, ``unsqueeze``,
+    slicing, ``expand``/``cat`` and a ``gather`` of whole feature vectors (ViT-MAE's masking)."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__(d)
+        self.table = nn.Parameter(torch.randn(12, d))  # (positions, d)
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        n = ids.shape[1]
+        rows = torch.index_select(self.table, 0, torch.arange(n) + 1).unsqueeze(0)
+        h = self.emb(ids) + rows + self.table[:1]
+        keep = torch.arange(n - 1, -1, -1).expand(ids.shape[0], n)
+        h = torch.gather(h, 1, keep.unsqueeze(-1).repeat(1, 1, h.shape[-1]))
+        h = torch.cat([self.cls.expand(ids.shape[0], -1, -1), h], dim=1)
+        for ln, up, down in zip(self.lns, self.up, self.down, strict=True):
+            h = h + down(torch.relu(up(ln(h))))
+        return self.final(h)
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_stored_tables_picked_and_tiled(tracer: str) -> None:
+    model = models.randomize_norms(TablePreLN()).eval()
+    ids = models.token_ids(batch=2, seq=8, vocab=50)
+    ref = _ref64(model, ids)
+    gm = trace(model, (ids,), tracer).graph_module
+    (stream,) = residual_streams(gm)
+    assert {fqn for w in stream.writers for fqn, _ in w.tensors} >= {"table", "cls", "emb.weight"}
+    assert not any(w.kind == "centre" for w in stream.writers)  # weight surgery only
+    converted, claimed = _converted_and_claimed(gm)
+    assert len(converted) == 3 and converted == claimed
+    assert get_tensor(gm, "table").mean(1).abs().max() < 1e-6
+    assert compare(ref, [gm(ids)]).max_rel_err <= 1e-5

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 import networkx as nx
+import torch
 from torch.fx import GraphModule, Node
 
-from normrewrite.core.graph import node_label, users
+from normrewrite.core.graph import node_label
+from normrewrite.core.graph import users as _all_users
 from normrewrite.core.ops import norm_info
 
 from .ops import ResidualStream, _rank
@@ -28,6 +30,20 @@ def layernorm_readers(gm: GraphModule) -> list[Node]:
         ):
             out.append(info.node)
     return out
+
+
+_SHAPE_ATTRS = ("shape", "dtype", "device", "ndim")
+
+
+def users(node: Node) -> list[Node]:
+    """Users that read ``node``'s values (not only its shape: ``x.shape``, ``x.size()``)."""
+    return [
+        u
+        for u in _all_users(node)
+        if not (u.op == "call_function" and u.target is getattr and u.args[1] in _SHAPE_ATTRS)
+        and not (u.op == "call_method" and u.target in ("size", "dim"))
+        and not (u.op == "call_function" and u.target is torch.ops.aten.sym_size.int)
+    ]
 
 
 def _walk(gm: GraphModule, lns: list[Node], cuts: frozenset[Node]) -> list[ResidualStream]:

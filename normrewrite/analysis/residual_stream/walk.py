@@ -212,4 +212,50 @@ class _Walk:
             r_in = rank + 1
             dim = _dim(int(node.args[1]), r_in)
             return [(node.args[0], axis if axis < dim else axis + 1)]
+        return _indexing(node, axis, rank)
+
+
+def _indexing(node: Node, axis: int, rank: int) -> list[tuple[Node, int]] | None:
+    """Ops that pick, add or tile positions of a stored table without touching the features
+    (``unsqueeze``, ``index_select``, ``index``/``getitem``, ``repeat``, ``gather`` with an index
+    constant along the features): the table is the writer, centred in place."""
+    src = node.args[0] if node.args else None
+    if not isinstance(src, Node):
         return None
+    r_in = _rank(src)
+    if r_in is None:
+        return None
+    if _is(node, {aten.unsqueeze.default}, {torch.unsqueeze}, {"unsqueeze"}):
+        dim = _dim(int(node.args[1]), rank)
+        return [(src, axis if axis < dim else axis - 1)] if axis != dim else None
+    if _is(node, {aten.index_select.default}, {torch.index_select}, {"index_select"}):
+        return [(src, axis)] if _dim(int(node.args[1]), rank) != axis else None
+    if _is(node, {aten.repeat.default}, set(), {"repeat"}):
+        reps = node.args[1:] if node.op == "call_method" else node.args[1]
+        reps = reps[0] if len(reps) == 1 and isinstance(reps[0], list | tuple) else reps
+        ax = axis - (rank - r_in)
+        return [(src, ax)] if ax >= 0 and int(reps[axis]) == 1 else None
+    last = axis == rank - 1
+    if last and _is(node, {aten.index.Tensor}, set(), set()):
+        return [(src, r_in - 1)] if len(node.args[1]) < r_in else None
+    if last and node.op == "call_function" and node.target is operator.getitem:
+        idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        plain = all(isinstance(i, slice | int | Node) for i in idx)  # no None / Ellipsis
+        return [(src, r_in - 1)] if plain and len(idx) < r_in else None
+    if _is(node, {aten.gather.default}, {torch.gather}, {"gather"}) and len(node.args) >= 3:
+        dim, index = _dim(int(node.args[1]), rank), node.args[2]
+        if dim != axis and _constant_along(index, axis, rank):
+            return [(src, axis)]
+    return None
+
+
+def _constant_along(index: object, axis: int, rank: int) -> bool:
+    """``index`` is a size-1 dim tiled by ``expand``/``repeat`` along ``axis`` (ViT-MAE's
+    ``ids.unsqueeze(-1).repeat(1, 1, D)``): a gather with it picks whole feature vectors."""
+    if not (
+        isinstance(index, Node)
+        and _is(index, {aten.expand.default, aten.repeat.default}, set(), {"expand", "repeat"})
+    ):
+        return False
+    shape = node_shape(index.args[0])
+    return shape is not None and len(shape) == rank and shape[axis] == 1
