@@ -22,8 +22,9 @@ stream; a stream that fails one keeps its LayerNorms and the report gives the re
 * the stream is read only through LayerNorms over its features (Pre-LN; a Post-LN model such as
   BERT reads the un-normalized sum in the next branch, and a model returning the raw stream
   exposes its mean — both are refused);
-* every writer is a linear / non-grouped conv / embedding / stored tensor (a model taking
-  ``inputs_embeds`` or adding a computed bias is refused);
+* every writer is a linear / non-grouped conv / embedding / stored tensor, or else gets an explicit
+  mean subtraction (2 ops per position, listed in the report's notes) — refused where that would
+  be all the stream has;
 * the writers' tensors are read nowhere else: a tied output head (``lm_head.weight is
   wte.weight``) is refused, or with ``untie=true`` the embedding gets its own re-centred copy
   (the head keeps the original table);
@@ -69,6 +70,17 @@ def centre(t: Tensor, dim: int) -> Tensor:
     dt = torch.float64 if t.device.type in ("cpu", "meta", "cuda") else torch.float32
     w = t.to(dt)
     return (w - w.mean(dim, keepdim=True)).to(t.dtype)
+
+
+def centre_part(t: Tensor, dim: int, part: tuple[tuple[int, ...], int, int]) -> Tensor:
+    """``t`` with its ``dim`` split as ``part[0]``, the slice ``part[2]`` along split dim
+    ``part[1]`` centred along the split's last dim (one head part's rows of a projection)."""
+    split, pick, idx = part
+    w = t.movedim(dim, 0)
+    v = w.reshape(*split, *w.shape[1:]).clone()
+    sel = v.select(pick, idx)
+    sel.copy_(centre(sel, len(split) - 2))
+    return v.reshape(w.shape).movedim(0, dim)
 
 
 def scaled(t: Tensor, lam: Tensor, dim: int) -> Tensor:
@@ -187,10 +199,19 @@ def recentre(gm: GraphModule, ctx: PassContext, p: StreamPlan) -> int:
             continue
         for fqn, dim in w.tensors:
             fqn = renamed.get(fqn, fqn)
-            if fqn in done:
+            if fqn in done and w.part is None:
                 continue
             done.add(fqn)
-            if w.scale is None:
+            if w.part is not None:
+                compute_tensors(
+                    gm,
+                    ctx,
+                    [fqn],
+                    [fqn],
+                    lambda t, d=dim, part=w.part: (centre_part(t, d, part),),
+                    origin="ln-to-rmsnorm",
+                )
+            elif w.scale is None:
                 compute_tensors(
                     gm, ctx, [fqn], [fqn], lambda t, d=dim: (centre(t, d),), origin="ln-to-rmsnorm"
                 )

@@ -419,3 +419,26 @@ def test_stored_tables_picked_and_tiled(tracer: str) -> None:
     assert len(converted) == 3 and converted == claimed
     assert get_tensor(gm, "table").mean(1).abs().max() < 1e-6
     assert compare(ref, [gm(ids)]).max_rel_err <= 1e-5
+
+
+def test_persimmon_per_head_qk_layernorm() -> None:
+    """Per-head QK-LayerNorms: each head's q and k rows of the fused projection are re-centred
+    (along the head dim), the v rows are left as they are, and every norm is an RMSNorm."""
+    import transformers as t
+
+    torch.manual_seed(0)
+    cfg = t.PersimmonConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, intermediate_size=64,
+                            max_position_embeddings=64, use_cache=False)
+    model, ids = models.randomize_norms(t.PersimmonModel(cfg)).eval(), models.token_ids()
+    ref = _ref64(model, ids)
+    gm = trace(model, (ids,), "export").graph_module
+    parts = [w for s in residual_streams(gm) for w in s.writers if w.kind == "part"]
+    assert [(w.part[1], w.part[2]) for w in parts] == [(1, 0), (1, 1)] * 2  # q, k per layer
+    converted, claimed = _converted_and_claimed(gm)
+    assert len(converted) == 9 and converted == claimed
+    fqn = "layers.0.self_attn.query_key_value.weight"
+    new, old = get_tensor(gm, fqn).reshape(2, 3, 16, 32), get_tensor(model, fqn).reshape(2, 3, 16, 32)
+    assert new[:, :2].mean(2).abs().max() < 1e-6 < old[:, :2].mean(2).abs().max()
+    assert new[:, 2].mean(2).abs().max() > 1e-3  # v not centred (only γ of the input norm folded)
+    assert compare(ref, tensor_leaves(gm(ids))).max_rel_err <= 1e-5

@@ -7,10 +7,18 @@ adds, dropout (eval), no-op casts, reshapes that keep the feature dim, transpose
 by a number — and stops at the **writers**: the ops whose output enters the stream and whose
 stored tensors can be edited:
 
-* a linear layer (``Linear`` or GPT-2's Conv1D ``addmm``) — its output features,
+* a linear layer (``Linear``, GPT-2's Conv1D ``addmm``, Falcon's ``x @ W.T``) — its output
+  features; or one head part of a fused projection split by a view (Persimmon's per-head
+  QK-LayerNorm) — that part's rows, per head,
 * a (non-grouped) convolution with the features as channels (ViT's patch embedding),
 * an embedding table (token, position, token-type embeddings),
-* a stored tensor added in directly (ViT's ``cls_token`` and position embeddings).
+* a stored tensor added in directly or picked/tiled first (``cls_token``, position tables through
+  ``unsqueeze``/``index_select``/``getitem``/``expand``/``repeat``, a ``gather`` of whole
+  feature vectors),
+* anything else — a norm's output (BLOOM's embedding LayerNorm), a GELU (wav2vec2's positional
+  conv), a model input — is a ``"centre"`` writer: an explicit ``x − mean(x)`` is inserted after
+  it for the stream's users only. A stream value also read by a non-norm op is retried once as
+  such a cut (its sources left alone); a stream with as many cuts as norms is refused.
 
 The values visited form the stream; the walks that share values are merged into one stream with
 networkx (connected components), so an encoder and a decoder, or two towers, are separate

@@ -23,12 +23,17 @@ class StreamWriter:
     with the dim that indexes the stream's features."""
 
     node: Node
-    kind: str  # "linear" | "conv" | "embedding" | "constant" | "scaled" | "centre"
+    kind: str  # "linear" | "conv" | "embedding" | "constant" | "scaled" | "centre" | "part"
     tensors: tuple[tuple[str, int], ...]
     scale: str | None = None  # "scaled": the layer scale λ (D,) of ``λ ⊙ linear(x)``, to fold in
     scaled: Node | None = None  # "scaled": the value λ multiplies (the linear's output)
     axis: int = -1  # "centre": the feature axis of ``node``'s output, to subtract the mean over
-    uses: tuple[Node, ...] = ()  # "centre": the stream's users of ``node`` (others keep it as is)
+    uses: tuple[Node, ...] = ()
+    # "part": (features split as, dim picked, index): only that part of the output features,
+    # centred along the split's last dim (per-head QK-LayerNorm)
+    part: tuple[tuple[int, ...], int, int] | None = (
+        None  # "centre": the stream's users of ``node`` (others keep it as is)
+    )
 
     @property
     def label(self) -> str:

@@ -78,7 +78,7 @@ class _Walk:
 
     def _writer(self, node: Node, axis: int, rank: int) -> StreamWriter | None:
         gm = self.gm
-        scaled = self._layer_scale(node, axis, rank)
+        scaled = self._layer_scale(node, axis, rank) or self._head_part(node, axis, rank)
         if scaled is not None:
             return scaled
         d = dense_info(gm, node) or matmul_linear_info(node)
@@ -108,6 +108,36 @@ class _Walk:
             if t.dim() == rank and t.shape[axis] > 1:
                 return StreamWriter(node, "constant", ((str(node.target), axis),))
         return None
+
+    def _head_part(self, node: Node, axis: int, rank: int) -> StreamWriter | None:
+        """Persimmon's per-head QK-LayerNorm input: ``select(view(linear(x), (..., H, 3, hd)),
+        -2, i)``, the fused projection's output split into heads and q/k/v parts, one part
+        picked. Centring that part's rows per head (along ``hd``) is weight surgery on the
+        projection; the other parts, read by their own selects, stay as they are."""
+        if node.target is not aten.select.int or axis != rank - 1:
+            return None
+        view, dim, idx = node.args[0], int(node.args[1]), int(node.args[2])
+        if not (isinstance(view, Node) and _is(view, *_VIEW) and isinstance(view.args[0], Node)):
+            return None
+        lin, shape = view.args[0], node_shape(view)
+        d = dense_info(self.gm, lin) or matmul_linear_info(lin)
+        lin_shape = node_shape(lin)
+        if d is None or d.weight is None or not (d.bias or not d.has_bias) or not lin_shape:
+            return None
+        lead = len(lin_shape) - 1
+        dim = _dim(dim, rank + 1)
+        if shape is None or tuple(shape[:lead]) != tuple(lin_shape[:lead]) or dim < lead:
+            return None
+        split = tuple(shape[lead:])  # the projection's output features, reshaped
+        if dim == len(shape) - 1 or list(users(lin)) != [view]:
+            return None
+        picks = [(u.target, u.args[1:]) for u in users(view)]
+        if any(t is not aten.select.int or _dim(int(a[0]), rank + 1) != dim for t, a in picks):
+            return None
+        if [int(a[1]) % split[dim - lead] for _, a in picks].count(idx % split[dim - lead]) != 1:
+            return None
+        tensors = ((d.weight, d.out_dim),) + (((d.bias, 0),) if d.bias else ())
+        return StreamWriter(node, "part", tensors, part=(split, dim - lead, idx))
 
     def _layer_scale(self, node: Node, axis: int, rank: int) -> StreamWriter | None:
         """``λ ⊙ linear(x)`` with a stored per-feature λ (layer scale, BEiT/DINOv2/CaiT), the
