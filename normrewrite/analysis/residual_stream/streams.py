@@ -10,7 +10,7 @@ from torch.fx import GraphModule, Node
 
 from normrewrite.core.graph import node_label
 from normrewrite.core.graph import users as _all_users
-from normrewrite.core.ops import norm_info
+from normrewrite.core.ops import dense_info, norm_info
 
 from .ops import ResidualStream, _rank
 from .walk import _Walk
@@ -44,6 +44,14 @@ def users(node: Node) -> list[Node]:
         and not (u.op == "call_method" and u.target in ("size", "dim"))
         and not (u.op == "call_function" and u.target is torch.ops.aten.sym_size.int)
     ]
+
+
+def _post_ln(gm: GraphModule, u: Node, start: Node | None) -> str:
+    """Why a reader ``u`` of a stream built on a norm's output is the Post-LN pattern: a layer
+    of the next branch reads the sum un-normalized."""
+    if start is None or dense_info(gm, u) is None:
+        return ""
+    return f" (Post-LN: the stream is built on the output of {node_label(start)})"
 
 
 def _walk(gm: GraphModule, lns: list[Node], cuts: frozenset[Node]) -> list[ResidualStream]:
@@ -84,18 +92,11 @@ def _walk(gm: GraphModule, lns: list[Node], cuts: frozenset[Node]) -> list[Resid
             if w.node in lns and others:
                 problems.append(
                     f"the output of the LayerNorm {node_label(w.node)} is read un-normalized by "
-                    f"{others[0].name} (Post-LN)"
+                    f"{others[0].name}" + (" (Post-LN)" if dense_info(gm, others[0]) else "")
                 )
             writers.append(replace(w, uses=tuple(uses)))
-        post_ln = next(
-            (
-                f" (Post-LN: the stream is built on the output of the LayerNorm "
-                f"{node_label(w.node)})"
-                for w in writers
-                if w.node in lns
-            ),
-            "",
-        )
+        start = next((w.node for w in writers if w.node in lns), None)
+
         for v in [*values, *(w.node for w in writers if w.kind != "centre")]:
             for u in users(v):
                 if u in values or (u in readers and inputs[u] is v):
@@ -105,7 +106,7 @@ def _walk(gm: GraphModule, lns: list[Node], cuts: frozenset[Node]) -> list[Resid
                 else:
                     problems.append(
                         f"the stream value {v.name} is also read by {u.name}, not through a "
-                        f"LayerNorm{post_ln}"
+                        f"LayerNorm{_post_ln(gm, u, start)}"
                     )
         centres = sum(w.kind == "centre" for w in writers)
         if centres and centres >= len(readers):
