@@ -22,8 +22,9 @@ stream; a stream that fails one keeps its LayerNorms and the report gives the re
 * the stream is read only through LayerNorms over its features (Pre-LN; a Post-LN model such as
   BERT reads the un-normalized sum in the next branch, and a model returning the raw stream
   exposes its mean — both are refused);
-* every writer is a linear / non-grouped conv / embedding / stored tensor (a model taking
-  ``inputs_embeds`` or adding a computed bias is refused);
+* every writer is a linear / non-grouped conv / embedding / stored tensor, or else gets an explicit
+  mean subtraction (2 ops per position, listed in the report's notes) — refused where that would
+  be all the stream has;
 * the writers' tensors are read nowhere else: a tied output head (``lm_head.weight is
   wte.weight``) is refused, or with ``untie=true`` the embedding gets its own re-centred copy
   (the head keeps the original table);
@@ -71,6 +72,17 @@ def centre(t: Tensor, dim: int) -> Tensor:
     return (w - w.mean(dim, keepdim=True)).to(t.dtype)
 
 
+def centre_part(t: Tensor, dim: int, part: tuple[tuple[int, ...], int, int]) -> Tensor:
+    """``t`` with its ``dim`` split as ``part[0]``, the slice ``part[2]`` along split dim
+    ``part[1]`` centred along the split's last dim (one head part's rows of a projection)."""
+    split, pick, idx = part
+    w = t.movedim(dim, 0)
+    v = w.reshape(*split, *w.shape[1:]).clone()
+    sel = v.select(pick, idx)
+    sel.copy_(centre(sel, len(split) - 2))
+    return v.reshape(w.shape).movedim(0, dim)
+
+
 def scaled(t: Tensor, lam: Tensor, dim: int) -> Tensor:
     """``t`` with its index ``i`` along ``dim`` multiplied by ``λ[i]``."""
     shape = [1] * t.dim()
@@ -101,10 +113,13 @@ def plan(
         return skip(stream.problems[0] + more)
     if not stream.writers:
         return skip("no writer of the stream found")
+    if all(w.kind == "centre" for w in stream.writers):
+        return skip("no stored tensor writes the stream")
     reads_inside: dict[str, int] = {}
     for w in stream.writers:
-        for fqn, _ in w.tensors:
-            reads_inside[fqn] = reads_inside.get(fqn, 0) + 1
+        for fqn, _ in w.tensors:  # a stored table read by several slices counts each
+            reads = len(w.node.users) if w.node.op == "get_attr" else 1
+            reads_inside[fqn] = reads_inside.get(fqn, 0) + reads
     to_untie: list[str] = []
     for w in stream.writers:
         for fqn, _ in w.tensors:
@@ -148,19 +163,55 @@ def _untie(
     return {fqn: new}
 
 
+def subtract_mean(gm: GraphModule, w: StreamWriter) -> Node:
+    """Insert ``x - x.mean(axis, keepdim=True)`` after ``w.node`` for the stream's users of it."""
+    aten_flavour = flavour(gm) is Flavour.ATEN
+    x = w.node
+    with gm.graph.inserting_after(x):
+        if aten_flavour:
+            mean = gm.graph.call_function(aten.mean.dim, (x, [w.axis], True))
+        else:
+            mean = gm.graph.call_function(torch.mean, (x, w.axis), {"keepdim": True})
+    with gm.graph.inserting_after(mean):
+        out = gm.graph.call_function(aten.sub.Tensor if aten_flavour else torch.sub, (x, mean))
+    if "val" in x.meta:
+        val = x.meta["val"]
+        mean.meta["val"] = val.mean(w.axis, keepdim=True)
+        out.meta["val"] = val
+    for k in ("stack_trace", "nn_module_stack"):
+        if k in x.meta:
+            mean.meta[k] = out.meta[k] = x.meta[k]
+    for u in w.uses:
+        u.replace_input_with(x, out)
+    return out
+
+
 def recentre(gm: GraphModule, ctx: PassContext, p: StreamPlan) -> int:
-    """Centre every writer's tensors along the feature dim; returns how many tensors changed."""
+    """Centre every writer's tensors along the feature dim (or, for a "centre" writer, subtract
+    the mean after it); returns how many tensors changed."""
     renamed: dict[str, str] = {}
     for fqn in p.untie:
         renamed |= _untie(gm, ctx, fqn, p.stream.writers)
     done: set[str] = set()
     for w in p.stream.writers:
+        if w.kind == "centre":
+            subtract_mean(gm, w)
+            continue
         for fqn, dim in w.tensors:
             fqn = renamed.get(fqn, fqn)
-            if fqn in done:
+            if fqn in done and w.part is None:
                 continue
             done.add(fqn)
-            if w.scale is None:
+            if w.part is not None:
+                compute_tensors(
+                    gm,
+                    ctx,
+                    [fqn],
+                    [fqn],
+                    lambda t, d=dim, part=w.part: (centre_part(t, d, part),),
+                    origin="ln-to-rmsnorm",
+                )
+            elif w.scale is None:
                 compute_tensors(
                     gm, ctx, [fqn], [fqn], lambda t, d=dim: (centre(t, d),), origin="ln-to-rmsnorm"
                 )
@@ -226,6 +277,11 @@ def _unit_weight(gm: GraphModule, ctx: PassContext, info: NormInfo) -> str:
 # --------------------------------------------------------------------------- pass
 
 
+def _centres(stream: ResidualStream) -> str:
+    n = sum(w.kind == "centre" for w in stream.writers)
+    return f" ({n} explicit mean subtraction{'s' if n > 1 else ''} inserted)" if n else ""
+
+
 @dataclass(frozen=True)
 class LnToRmsNormOptions:
     fold: bool = True
@@ -247,46 +303,60 @@ class LnToRmsNorm(Pass):
     def call(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         changes: list[Change] = []
         skipped: list[Skip] = []
+        notes: list[str] = []
+        done: list[tuple[ResidualStream, int]] = []
+        # every stream is centred before any norm is replaced: a stream may start at the output
+        # of a norm that reads another stream
         for stream in residual_streams(gm):
             found = plan(gm, stream, TensorUsage.of(gm), self.options.untie)
             if isinstance(found, tuple):
                 skipped += found
                 continue
             n = recentre(gm, ctx, found)
-            writers = ", ".join(w.label for w in stream.writers)
+            for w in stream.writers:
+                if w.kind == "centre":
+                    notes.append(
+                        f"ln-to-rmsnorm: inserted a mean subtraction after {w.label} (2 ops: "
+                        f"mean, sub over {stream.features} features per position), which no "
+                        "weight surgery can centre"
+                    )
             untied = f"; untied {', '.join(found.untie)}" if found.untie else ""
+            done.append((stream, len(changes)))
             changes.append(
                 Change(
-                    writers,
+                    ", ".join(w.label for w in stream.writers),
                     f"re-centred {n} tensors of {len(stream.writers)} stream writers{untied}",
                 )
             )
-            for ln in stream.readers:
-                info = norm_info(gm, ln)
-                assert info is not None
-                label, folded = info.label, ""
-                stored = (info.weight or not info.has_weight) and (info.bias or not info.has_bias)
-                if self.options.fold and stored:
-                    m = match_affine(gm, ln, TensorUsage.of(gm))
-                    if isinstance(m, AffineFold):
-                        fold_into_layers(gm, ctx, m.layers, info.weight, info.bias, "ln-to-rmsnorm")
-                        folded = f"; γ/β folded into {', '.join(d.label for d in m.layers)}"
-                        ones = _unit_weight(gm, ctx, info) if self.options.unit_weight else None
-                        info = NormInfo(
-                            **{
-                                **info.__dict__,
-                                "weight": ones,
-                                "bias": None,
-                                "has_weight": ones is not None,
-                                "has_bias": False,
-                            }
-                        )
-                to_rmsnorm(gm, info)
-                kept = " + β" if info.has_bias else ""
-                changes.append(
-                    Change(label, f"LayerNorm → RMSNorm{kept} (eps={info.eps:g}){folded}")
+        for stream, at in reversed(done):
+            converted = [self._convert(gm, ctx, ln) for ln in stream.readers]
+            changes[at + 1 : at + 1] = converted
+        return PassResult(gm, bool(changes), changes, skipped, notes)
+
+    def _convert(self, gm: GraphModule, ctx: PassContext, ln: Node) -> Change:
+        """LayerNorm ``ln``, reading a centred stream, → RMSNorm (γ/β folded where possible)."""
+        info = norm_info(gm, ln)
+        assert info is not None
+        label, folded = info.label, ""
+        stored = (info.weight or not info.has_weight) and (info.bias or not info.has_bias)
+        if self.options.fold and stored:
+            m = match_affine(gm, ln, TensorUsage.of(gm))
+            if isinstance(m, AffineFold):
+                fold_into_layers(gm, ctx, m.layers, info.weight, info.bias, "ln-to-rmsnorm")
+                folded = f"; γ/β folded into {', '.join(d.label for d in m.layers)}"
+                ones = _unit_weight(gm, ctx, info) if self.options.unit_weight else None
+                info = NormInfo(
+                    **{
+                        **info.__dict__,
+                        "weight": ones,
+                        "bias": None,
+                        "has_weight": ones is not None,
+                        "has_bias": False,
+                    }
                 )
-        return PassResult(gm, bool(changes), changes, skipped)
+        to_rmsnorm(gm, info)
+        kept = " + β" if info.has_bias else ""
+        return Change(label, f"LayerNorm → RMSNorm{kept} (eps={info.eps:g}){folded}")
 
     def explain(self, gm: GraphModule, ctx: PassContext) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -298,6 +368,7 @@ class LnToRmsNorm(Pass):
                     f"not convertible: {found[0].reason}"
                     if isinstance(found, tuple)
                     else f"convertible: stream written by {len(stream.writers)} ops"
+                    + _centres(stream)
                 )
         return out
 

@@ -7,12 +7,13 @@ import copy
 import models
 import pytest
 import torch
-from normrewrite.passes.ln_to_rmsnorm import LnToRmsNorm
 from torch import nn
 
 from normrewrite.analysis.residual_stream import residual_streams
 from normrewrite.core.graph import get_tensor
 from normrewrite.core.ops import norms
+from normrewrite.core.pass_infra import PassContext
+from normrewrite.passes.ln_to_rmsnorm import LnToRmsNorm
 from normrewrite.trace import trace
 from normrewrite.verify import compare, tensor_leaves
 
@@ -147,13 +148,21 @@ def test_post_ln_refused_embedding_ln_converted() -> None:
     assert compare(ref, tensor_leaves(gm(ids))).max_rel_err <= 1e-5
 
 
-def test_raw_stream_output_refused() -> None:
+def test_raw_stream_output_cut_or_refused() -> None:
+    """Every layer's raw stream is a model output: the layers after the first restart from an
+    explicitly centred copy of h.0's output (the output itself keeps the original); the first
+    layer's stream is itself an output and is refused for it."""
     model, ids = models.gpt2(), models.token_ids()
     model.config.output_hidden_states = True
+    ref = _ref64(model, ids)
     gm = trace(model, (ids,), "export").graph_module
     result = LnToRmsNorm()(gm)
-    assert not result.modified
+    assert [s.target for s in result.skipped] == ["h.0.ln_1", "h.0.ln_2"]
     assert all("model output" in s.reason for s in result.skipped)
+    assert [c.target for c in result.changes][1:] == ["h.1.ln_1", "h.1.ln_2", "ln_f"]
+    assert len(result.notes) == 1 and "mean subtraction after h.0 (2 ops" in result.notes[0]
+    assert len(_targets(gm, aten.mean.dim)) == 1
+    assert compare(ref, tensor_leaves(gm(ids))).max_rel_err <= 1e-5
 
 
 def test_tied_head_refused_or_untied() -> None:
@@ -223,8 +232,6 @@ class InPlacePreLN(PreLN):
 
 def _converted_and_claimed(gm: torch.fx.GraphModule) -> tuple[set[str], set[str]]:
     """(LayerNorms the pass converted, LayerNorms its explain called convertible)."""
-    from normrewrite.core.pass_infra import PassContext
-
     def layernorms() -> set[str]:
         return {i.node.name for i in norms(gm) if i.kind == "layernorm"}
 
@@ -286,3 +293,152 @@ def test_layer_scale_folded_dinov2() -> None:
     assert len(converted) == 5 and converted == claimed
     assert len(_targets(gm, aten.mul.Tensor)) == n_mul - 4  # the four layer-scale multiplies
     assert compare(ref, tensor_leaves(gm(x))).max_rel_err <= 1e-5
+
+
+def _bloom() -> tuple[nn.Module, torch.Tensor]:
+    """BLOOM: the stream starts at the embedding LayerNorm's output."""
+    import transformers as t
+
+    torch.manual_seed(0)
+    cfg = t.BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=2, use_cache=False)
+    return models.randomize_norms(t.BloomModel(cfg)).eval(), models.token_ids()
+
+
+def _wav2vec2() -> tuple[nn.Module, torch.Tensor]:
+    """wav2vec2 stable-LN: the stream starts at the feature projection, which the GELU'd
+    positional conv also reads, and the conv's output is added in."""
+    import transformers as t
+
+    torch.manual_seed(0)
+    cfg = t.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, do_stable_layer_norm=True,
+                           feat_extract_norm="layer", conv_dim=(16, 16), conv_stride=(5, 4),
+                           conv_kernel=(10, 4), num_conv_pos_embeddings=16,
+                           num_conv_pos_embedding_groups=2)
+    x = torch.randn(1, 1600, generator=torch.Generator().manual_seed(0))
+    return models.randomize_norms(t.Wav2Vec2Model(cfg)).eval(), x
+
+
+@pytest.mark.parametrize(("build", "centred_after", "refused"), [
+    (_bloom, ["word_embeddings_layernorm"], []),
+    (_wav2vec2, ["feature_projection.dropout", "encoder.pos_conv_embed.activation"],
+     ["feature_projection.layer_norm"]),
+])
+def test_explicit_mean_subtraction(build, centred_after: list[str], refused: list[str]) -> None:
+    """A stream starting at a norm's output or at an op no weight surgery centres gets one
+    explicit ``x - mean(x)`` there (noted with its cost); everything else is exact as before."""
+    model, x = build()
+    ref = _ref64(model, x)
+    gm = trace(model, (x,), "export").graph_module
+    n_mean = len(_targets(gm, aten.mean.dim))
+    before = {i.node.name for i in norms(gm) if i.kind == "layernorm"}
+    claimed = {k for k, v in LnToRmsNorm().explain(gm, PassContext()).items()
+               if v.startswith("convertible")}
+    result = LnToRmsNorm()(gm)
+    converted = before - {i.node.name for i in norms(gm) if i.kind == "layernorm"}
+    assert converted == claimed and len(converted) == len(before) - len(refused)
+    assert [s.target for s in result.skipped] == refused
+    assert all("no stored tensor writes" in s.reason for s in result.skipped)
+    assert [n.split(" after ")[1].split(" (")[0] for n in result.notes] == centred_after
+    assert all("(2 ops: mean, sub" in n for n in result.notes)
+    assert len(_targets(gm, aten.mean.dim)) == n_mean + len(centred_after)
+    assert compare(ref, tensor_leaves(gm(x))).max_rel_err <= 1e-5
+
+
+def test_falcon_matmul_transposed_weight_writers() -> None:
+    """Falcon's bias-free ``FalconLinear`` is traced as ``x @ W.T``: each is a linear writer."""
+    import transformers as t
+
+    torch.manual_seed(0)
+    cfg = t.FalconConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         new_decoder_architecture=True, num_kv_heads=2, use_cache=False)
+    model, ids = models.randomize_norms(t.FalconModel(cfg)).eval(), models.token_ids()
+    ref = _ref64(model, ids)
+    gm = trace(model, (ids,), "export").graph_module
+    (stream,) = residual_streams(gm)
+    assert [w.kind for w in stream.writers] == ["embedding"] + ["linear"] * 4
+    assert all(w.node.target is aten.matmul.default for w in stream.writers[1:])
+    converted, claimed = _converted_and_claimed(gm)
+    assert len(converted) == 5 and converted == claimed
+    assert get_tensor(gm, "h.0.self_attention.dense.weight").mean(0).abs().max() < 1e-6
+    assert compare(ref, tensor_leaves(gm(ids))).max_rel_err <= 1e-5
+
+
+class MatmulPreLN(PreLN):
+    """PreLN with its down projections written ``x @ W.T`` (symbolic_trace: ``getattr(W, "T")``)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids) + self.pos
+        for ln, up, down in zip(self.lns, self.up, self.down, strict=True):
+            h = h + torch.relu(up(ln(h))) @ down.weight.T
+        return self.final(h)
+
+
+def test_matmul_transposed_weight_fx() -> None:
+    model = models.randomize_norms(MatmulPreLN()).eval()
+    ids = models.token_ids(batch=2, seq=8, vocab=50)
+    ref = _ref64(model, ids)
+    gm = trace(model, (ids,), "fx").graph_module
+    converted, claimed = _converted_and_claimed(gm)
+    assert len(converted) == 3 and converted == claimed
+    assert _targets(gm, torch.mean) == []  # centred by weight surgery, no mean subtraction
+    assert compare(ref, [gm(ids)]).max_rel_err <= 1e-5
+
+
+class TablePreLN(PreLN):
+    """Position rows and a class token reach the stream through ``index_select``, ``unsqueeze``,
+    slicing, ``expand``/``cat`` and a ``gather`` of whole feature vectors (ViT-MAE's masking)."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__(d)
+        self.table = nn.Parameter(torch.randn(12, d))  # (positions, d)
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        n = ids.shape[1]
+        rows = torch.index_select(self.table, 0, torch.arange(n) + 1).unsqueeze(0)
+        h = self.emb(ids) + rows + self.table[:1]
+        keep = torch.arange(n - 1, -1, -1).expand(ids.shape[0], n)
+        h = torch.gather(h, 1, keep.unsqueeze(-1).repeat(1, 1, h.shape[-1]))
+        h = torch.cat([self.cls.expand(ids.shape[0], -1, -1), h], dim=1)
+        for ln, up, down in zip(self.lns, self.up, self.down, strict=True):
+            h = h + down(torch.relu(up(ln(h))))
+        return self.final(h)
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_stored_tables_picked_and_tiled(tracer: str) -> None:
+    model = models.randomize_norms(TablePreLN()).eval()
+    ids = models.token_ids(batch=2, seq=8, vocab=50)
+    ref = _ref64(model, ids)
+    gm = trace(model, (ids,), tracer).graph_module
+    (stream,) = residual_streams(gm)
+    assert {fqn for w in stream.writers for fqn, _ in w.tensors} >= {"table", "cls", "emb.weight"}
+    assert not any(w.kind == "centre" for w in stream.writers)  # weight surgery only
+    converted, claimed = _converted_and_claimed(gm)
+    assert len(converted) == 3 and converted == claimed
+    assert get_tensor(gm, "table").mean(1).abs().max() < 1e-6
+    assert compare(ref, [gm(ids)]).max_rel_err <= 1e-5
+
+
+def test_persimmon_per_head_qk_layernorm() -> None:
+    """Per-head QK-LayerNorms: each head's q and k rows of the fused projection are re-centred
+    (along the head dim), the v rows are left as they are, and every norm is an RMSNorm."""
+    import transformers as t
+
+    torch.manual_seed(0)
+    cfg = t.PersimmonConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, intermediate_size=64,
+                            max_position_embeddings=64, use_cache=False)
+    model, ids = models.randomize_norms(t.PersimmonModel(cfg)).eval(), models.token_ids()
+    ref = _ref64(model, ids)
+    gm = trace(model, (ids,), "export").graph_module
+    parts = [w for s in residual_streams(gm) for w in s.writers if w.kind == "part"]
+    assert [(w.part[1], w.part[2]) for w in parts] == [(1, 0), (1, 1)] * 2  # q, k per layer
+    converted, claimed = _converted_and_claimed(gm)
+    assert len(converted) == 9 and converted == claimed
+    fqn = "layers.0.self_attn.query_key_value.weight"
+    new, old = get_tensor(gm, fqn).reshape(2, 3, 16, 32), get_tensor(model, fqn).reshape(2, 3, 16, 32)
+    assert new[:, :2].mean(2).abs().max() < 1e-6 < old[:, :2].mean(2).abs().max()
+    assert new[:, 2].mean(2).abs().max() > 1e-3  # v not centred (only γ of the input norm folded)
+    assert compare(ref, tensor_leaves(gm(ids))).max_rel_err <= 1e-5

@@ -9,6 +9,7 @@ reflect/replicate/circular padding) and flatten, each read from every form a gra
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -287,3 +288,43 @@ def dense_info(gm: GraphModule, node: Node) -> DenseInfo | None:
         b, has_b = arg_fqn(kw.get("input"))
         return DenseInfo(node, kw["mat1"], weight, b, has_b, 1)
     return None
+
+
+_MATMUL_FUNCS = {aten.matmul.default, torch.matmul, operator.matmul}
+_TRANSPOSE_2D = {aten.t.default, aten.numpy_T.default, aten.mT.default, torch.t}
+
+
+def _transposed_weight(node: object) -> str | None:
+    """The FQN of a stored 2-D weight ``W`` if ``node`` is ``W.T`` read only here (``t``,
+    ``numpy_T``, ``transpose(0, 1)``, ``permute(1, 0)`` or the ``.T`` attribute)."""
+    if not isinstance(node, Node) or len(node.users) != 1 or not node.args:
+        return None
+    w = node.args[0]
+    fqn = constant_fqn(w)
+    val = w.meta.get("val") if isinstance(w, Node) else None
+    if fqn is None or (val is not None and val.dim() != 2):
+        return None
+    if node.op == "call_function" and node.target in _TRANSPOSE_2D:
+        return fqn
+    if node.op == "call_function" and node.target in (aten.transpose.int, torch.transpose):
+        return fqn if {int(d) % 2 for d in node.args[1:3]} == {0, 1} else None
+    if node.op == "call_function" and node.target is aten.permute.default:
+        return fqn if list(node.args[1]) in ([1, 0], [-1, -2]) else None
+    if node.op == "call_function" and node.target is getattr:
+        return fqn if node.args[1] in ("T", "mT") else None
+    if node.op == "call_method" and node.target in ("t", "transpose"):
+        return fqn if node.target == "t" or {int(d) % 2 for d in node.args[1:3]} == {0, 1} else None
+    return None
+
+
+def matmul_linear_info(node: Node) -> DenseInfo | None:
+    """``x @ W.T`` with a stored ``(out, in)`` weight (Falcon's bias-free ``FalconLinear``): a
+    bias-free linear layer. Kept apart from :func:`dense_info`, which promises passes a node they
+    can give a bias."""
+    if node.op != "call_function" or node.target not in _MATMUL_FUNCS or len(node.args) != 2:
+        return None
+    x, wt = node.args
+    weight = _transposed_weight(wt)
+    if weight is None or not isinstance(x, Node):
+        return None
+    return DenseInfo(node, x, weight, None, False, 0)

@@ -1,0 +1,37 @@
+"""The residual stream as seen by its LayerNorms: which values carry it, who writes it, who reads it.
+
+Starting from the input of every LayerNorm over the last dim, the analysis walks the data-flow
+graph backwards through ops that act on each feature vector linearly and independently — residual
+adds, dropout (eval), no-op casts, reshapes that keep the feature dim, transposes/permutes/flatten
+(the feature axis is tracked through them), ``cat``/``expand``/``slice`` along other axes, scaling
+by a number — and stops at the **writers**: the ops whose output enters the stream and whose
+stored tensors can be edited:
+
+* a linear layer (``Linear``, GPT-2's Conv1D ``addmm``, Falcon's ``x @ W.T``) — its output
+  features; or one head part of a fused projection split by a view (Persimmon's per-head
+  QK-LayerNorm) — that part's rows, per head,
+* a (non-grouped) convolution with the features as channels (ViT's patch embedding),
+* an embedding table (token, position, token-type embeddings),
+* a stored tensor added in directly or picked/tiled first (``cls_token``, position tables through
+  ``unsqueeze``/``index_select``/``getitem``/``expand``/``repeat``, a ``gather`` of whole
+  feature vectors),
+* anything else — a norm's output (BLOOM's embedding LayerNorm), a GELU (wav2vec2's positional
+  conv), a model input — is a ``"centre"`` writer: an explicit ``x − mean(x)`` is inserted after
+  it for the stream's users only. A stream value also read by a non-norm op is retried once as
+  such a cut (its sources left alone); a stream with as many cuts as norms is refused.
+
+The values visited form the stream; the walks that share values are merged into one stream with
+networkx (connected components), so an encoder and a decoder, or two towers, are separate
+streams. Then every user of a stream value (or of a writer's output) must be inside the stream or
+a LayerNorm reading it over the feature axis; anything else — a model output, a post-norm branch
+reading the un-normalized sum, an RMSNorm, a pooling — is recorded as a problem of that stream.
+
+This is what ``ln-to-rmsnorm`` needs: subtracting the feature mean from every writer makes every
+stream value zero-mean (each op above commutes with centring ``C = I − 11ᵀ/D``), which is harmless
+exactly when nothing but LayerNorms reads the stream. It only reads the graph.
+"""
+
+from .ops import ResidualStream, StreamWriter
+from .streams import layernorm_readers, residual_streams
+
+__all__ = ["ResidualStream", "StreamWriter", "layernorm_readers", "residual_streams"]

@@ -1,0 +1,158 @@
+"""Streams: the walks merged into connected components, with their readers and problems."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import networkx as nx
+import torch
+from torch.fx import GraphModule, Node
+
+from normrewrite.core.graph import node_label
+from normrewrite.core.graph import users as _all_users
+from normrewrite.core.ops import dense_info, norm_info
+
+from .ops import ResidualStream, _rank
+from .walk import _Walk
+
+
+def layernorm_readers(gm: GraphModule) -> list[Node]:
+    """LayerNorm nodes normalizing the last dim only."""
+    out = []
+    for n in gm.graph.nodes:
+        info = norm_info(gm, n)
+        if (
+            info is not None
+            and info.kind == "layernorm"
+            and info.normalized_shape
+            and len(info.normalized_shape) == 1
+            and isinstance(info.input, Node)
+        ):
+            out.append(info.node)
+    return out
+
+
+_SHAPE_ATTRS = ("shape", "dtype", "device", "ndim")
+
+
+def users(node: Node) -> list[Node]:
+    """Users that read ``node``'s values (not only its shape: ``x.shape``, ``x.size()``)."""
+    return [
+        u
+        for u in _all_users(node)
+        if not (u.op == "call_function" and u.target is getattr and u.args[1] in _SHAPE_ATTRS)
+        and not (u.op == "call_method" and u.target in ("size", "dim"))
+        and not (u.op == "call_function" and u.target is torch.ops.aten.sym_size.int)
+    ]
+
+
+def _post_ln(gm: GraphModule, u: Node, start: Node | None) -> str:
+    """Why a reader ``u`` of a stream built on a norm's output is the Post-LN pattern: a layer
+    of the next branch reads the sum un-normalized."""
+    if start is None or dense_info(gm, u) is None:
+        return ""
+    return f" (Post-LN: the stream is built on the output of {node_label(start)})"
+
+
+def _walk(gm: GraphModule, lns: list[Node], cuts: frozenset[Node]) -> list[ResidualStream]:
+    walk = _Walk(gm, set(lns), cuts)
+    inputs: dict[Node, Node] = {}
+    for ln in lns:
+        info = norm_info(gm, ln)
+        assert info is not None and isinstance(info.input, Node)
+        rank = _rank(info.input)
+        inputs[ln] = info.input
+        if rank is None:
+            walk.problems[ln] = f"the input shape of {node_label(ln)} is unknown"
+            continue
+        walk.visit(info.input, rank - 1, ln)
+    g = nx.Graph()
+    g.add_nodes_from(lns)
+    g.add_edges_from(walk.edges)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    streams = []
+    for comp in nx.connected_components(g):
+        values = frozenset(n for n in comp if n in walk.axis)
+        readers = tuple(n for n in lns if n in comp)
+        problems = [
+            walk.problems[n]
+            for n in sorted((n for n in comp if isinstance(n, Node)), key=order.__getitem__)
+            if n in walk.problems
+        ]
+        writers = []
+        for w in sorted((walk.writers[n] for n in comp if n in walk.writers), key=_order(order)):
+            if w.kind != "centre":
+                writers.append(w)
+                continue
+            # the centred copy goes to the stream's users only; the others keep the original
+            uses = [
+                u for u in users(w.node) if u in values or (u in readers and inputs[u] is w.node)
+            ]
+            others = [u for u in users(w.node) if u not in uses]
+            if w.node in lns and others:
+                problems.append(
+                    f"the output of the LayerNorm {node_label(w.node)} is read un-normalized by "
+                    f"{others[0].name}" + (" (Post-LN)" if dense_info(gm, others[0]) else "")
+                )
+            writers.append(replace(w, uses=tuple(uses)))
+        start = next((w.node for w in writers if w.node in lns), None)
+
+        for v in [*values, *(w.node for w in writers if w.kind != "centre")]:
+            for u in users(v):
+                if u in values or (u in readers and inputs[u] is v):
+                    continue
+                if u.op == "output":
+                    problems.append(f"the stream value {v.name} is a model output")
+                else:
+                    problems.append(
+                        f"the stream value {v.name} is also read by {u.name}, not through a "
+                        f"LayerNorm{_post_ln(gm, u, start)}"
+                    )
+        centres = sum(w.kind == "centre" for w in writers)
+        if centres and centres >= len(readers):
+            problems.append(
+                f"no stored tensor writes the stream of {node_label(readers[0])}: only "
+                f"{centres} explicit mean subtraction(s) could centre it, as costly as the norm"
+            )
+        features = None
+        if readers:
+            info = norm_info(gm, readers[0])
+            features = info.normalized_shape[0] if info and info.normalized_shape else None
+        streams.append(
+            ResidualStream(
+                values, tuple(writers), readers, features, tuple(dict.fromkeys(problems))
+            )
+        )
+    return streams
+
+
+def _order(order: dict[Node, int]):
+    return lambda w: order[w.node]
+
+
+def residual_streams(gm: GraphModule) -> list[ResidualStream]:
+    """The streams read by LayerNorms, each with its writers, readers and problems.
+
+    A stream value also read by a non-norm op (wav2vec2's positional conv reads the projected
+    features) is tried once more as a *cut*: its stream users get an explicitly centred copy and
+    its sources are left alone. The retry is kept per stream only where it has no problems; else
+    the first walk's problems stand (they name the op that reads the raw stream)."""
+    lns = layernorm_readers(gm)
+    first = _walk(gm, lns, frozenset())
+    cuts = frozenset(
+        v
+        for s in first
+        if s.problems
+        for v in s.values
+        if any(u not in s.values and u not in s.readers for u in users(v))
+    )
+    if not cuts:
+        return first
+    second = [s for s in _walk(gm, lns, cuts) if not s.problems]
+    done = {r for s in second for r in s.readers}
+    rest = []
+    for s in first:
+        readers = tuple(r for r in s.readers if r not in done)
+        if readers:
+            rest.append(s if len(readers) == len(s.readers) else replace(s, readers=readers))
+    return second + rest
