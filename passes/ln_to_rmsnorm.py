@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
+from normrewrite.analysis.norms import Norm, find_norms
 from normrewrite.analysis.residual_stream import ResidualStream, StreamWriter, residual_streams
 from normrewrite.core.graph import (
     Flavour,
@@ -331,6 +332,7 @@ class LnToRmsNorm(Pass):
         for stream, at in reversed(done):
             converted = [self._convert(gm, ctx, ln) for ln in stream.readers]
             changes[at + 1 : at + 1] = converted
+        skipped += [Skip(n.label, WRITTEN_OUT) for n in _written_layernorms(gm)]
         return PassResult(gm, bool(changes), changes, skipped, notes)
 
     def _convert(self, gm: GraphModule, ctx: PassContext, ln: Node) -> Change:
@@ -370,7 +372,17 @@ class LnToRmsNorm(Pass):
                     else f"convertible: stream written by {len(stream.writers)} ops"
                     + _centres(stream)
                 )
+        for n in _written_layernorms(gm):
+            out[n.node.name] = f"not convertible: {WRITTEN_OUT}"
         return out
+
+
+WRITTEN_OUT = "LayerNorm written out as arithmetic: run fuse-norm first to make it one op"
+
+
+def _written_layernorms(gm: GraphModule) -> list[Norm]:
+    """LayerNorms the model writes out by hand (Cohere): this pass rewrites fused ops only."""
+    return [n for n in find_norms(gm) if n.kind == "layernorm" and n.form == "written"]
 
 
 __all__ = ["LnToRmsNorm", "StreamPlan", "centre", "plan", "recentre", "to_rmsnorm"]

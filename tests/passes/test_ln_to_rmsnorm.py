@@ -442,3 +442,31 @@ def test_persimmon_per_head_qk_layernorm() -> None:
     assert new[:, :2].mean(2).abs().max() < 1e-6 < old[:, :2].mean(2).abs().max()
     assert new[:, 2].mean(2).abs().max() > 1e-3  # v not centred (only γ of the input norm folded)
     assert compare(ref, tensor_leaves(gm(ids))).max_rel_err <= 1e-5
+
+
+def test_cohere_written_layernorms_skipped_then_converted_after_fuse_norm() -> None:
+    """Cohere writes its LayerNorms out as arithmetic: ln-to-rmsnorm says so (never silently
+    leaves them), and after fuse-norm converts them exactly."""
+    import transformers as t
+
+    from normrewrite.passes.ln_to_rmsnorm import WRITTEN_OUT
+
+    torch.manual_seed(0)
+    cfg = t.CohereConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                         use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = models.randomize_norms(t.CohereModel(cfg)).eval()
+    ids = models.token_ids()
+    ref = _ref64(model, ids)
+    gm = trace(model, (ids,), "export").graph_module
+    claims = LnToRmsNorm().explain(gm, PassContext())
+    assert len(claims) == 3 and all(WRITTEN_OUT in v for v in claims.values())
+    result = LnToRmsNorm()(gm)
+    assert not result.modified and [s.reason for s in result.skipped] == [WRITTEN_OUT] * 3
+
+    from normrewrite.passes import REGISTRY
+
+    REGISTRY.create("fuse-norm")(gm, PassContext(example_inputs=(ids,)))
+    converted, claimed = _converted_and_claimed(gm)
+    assert len(converted) == 3 and converted == claimed
+    assert compare(ref, tensor_leaves(gm(ids))).max_rel_err <= 1e-5
