@@ -7,13 +7,13 @@ import copy
 import models
 import pytest
 import torch
+from normrewrite.passes.ln_to_rmsnorm import LnToRmsNorm
 from torch import nn
 
 from normrewrite.analysis.residual_stream import residual_streams
 from normrewrite.core.graph import get_tensor
 from normrewrite.core.ops import norms
 from normrewrite.core.pass_infra import PassContext
-from normrewrite.passes.ln_to_rmsnorm import LnToRmsNorm
 from normrewrite.trace import trace
 from normrewrite.verify import compare, tensor_leaves
 
@@ -448,7 +448,6 @@ def test_cohere_written_layernorms_skipped_then_converted_after_fuse_norm() -> N
     """Cohere writes its LayerNorms out as arithmetic: ln-to-rmsnorm says so (never silently
     leaves them), and after fuse-norm converts them exactly."""
     import transformers as t
-
     from normrewrite.passes.ln_to_rmsnorm import WRITTEN_OUT
 
     torch.manual_seed(0)
