@@ -236,10 +236,15 @@ def constant_fqn(node: object) -> str | None:
 
 @dataclass(frozen=True)
 class TensorUsage:
-    """How many places in a graph read each stored tensor, counting aliases (tied weights)."""
+    """How many places in a graph read each stored tensor, counting aliases (tied weights).
+
+    Built once per pass with :meth:`of`; a rewrite that changes a few tensors updates them with
+    :meth:`refresh` instead of rescanning the graph (a rescan per match grows as layers²)."""
 
     reads: dict[str, int]
     aliases: dict[str, frozenset[str]]
+    by_identity: dict[int, frozenset[str]]
+    identity: dict[str, int]
 
     @classmethod
     def of(cls, gm: GraphModule) -> TensorUsage:
@@ -254,8 +259,46 @@ class TensorUsage:
         groups: dict[int, set[str]] = {}
         for name, t in _named_tensors(gm):
             groups.setdefault(_identity(t), set()).add(name)
-        aliases = {name: frozenset(g) for g in groups.values() for name in g}
-        return cls(dict(reads), aliases)
+        by_identity = {i: frozenset(g) for i, g in groups.items()}
+        aliases = {name: g for g in by_identity.values() for name in g}
+        identity = {name: i for i, g in by_identity.items() for name in g}
+        return cls(dict(reads), aliases, by_identity, identity)
+
+    def refresh(self, gm: GraphModule, fqns: Iterable[str]) -> None:
+        """Recount the tensors ``fqns`` (changed, created or deleted by a rewrite) in place."""
+        for fqn in set(fqns):
+            self._forget(fqn)
+            t = _tensor_at(gm, fqn)
+            if t is None:
+                continue
+            getters = gm.graph.find_nodes(op="get_attr", target=fqn)
+            reads = sum(max(1, len(n.users)) for n in getters)
+            prefix = fqn.rpartition(".")[0]
+            if prefix:
+                callers = gm.graph.find_nodes(op="call_module", target=prefix)
+                reads += sum(1 for n in callers if not is_bookkeeping(n))
+            if reads:
+                self.reads[fqn] = reads
+            # names still holding this very tensor (ids of freed tensors may be reused)
+            old = self.by_identity.get(_identity(t), frozenset())
+            group = frozenset({fqn, *(n for n in old if _tensor_at(gm, n) is t)})
+            self.by_identity[_identity(t)] = group
+            for name in group:
+                self.aliases[name] = group
+                self.identity[name] = _identity(t)
+
+    def _forget(self, fqn: str) -> None:
+        self.reads.pop(fqn, None)
+        group = self.aliases.pop(fqn, frozenset())
+        i = self.identity.pop(fqn, None)
+        rest = group - {fqn}
+        for name in rest:
+            self.aliases[name] = rest
+        if i is not None:
+            if rest:
+                self.by_identity[i] = rest
+            else:
+                self.by_identity.pop(i, None)
 
     def count(self, fqn: str) -> int:
         """Reads of the tensor at ``fqn`` under any of its names."""
@@ -267,6 +310,16 @@ class TensorUsage:
         if fqn is None:
             return True
         return self.count(fqn) <= 1 and len(self.aliases.get(fqn, ())) <= 1
+
+
+def _tensor_at(gm: nn.Module, fqn: str) -> torch.Tensor | None:
+    prefix, name = _split(fqn)
+    try:
+        owner = gm.get_submodule(prefix) if prefix else gm
+    except AttributeError:
+        return None
+    t = getattr(owner, name, None)
+    return t if isinstance(t, torch.Tensor) else None
 
 
 def _named_tensors(mod: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -287,7 +340,7 @@ def erase_unused(gm: GraphModule, nodes: Iterable[Node]) -> None:
     matches)."""
     candidates = list(nodes)
     erased: set[Node] = set()
-    dropped: set[str] = set()
+    dropped: set[str] = set()  # get_attr / call_module targets no longer read by an erased node
     changed = True
     while changed:
         changed = False
@@ -295,16 +348,54 @@ def erase_unused(gm: GraphModule, nodes: Iterable[Node]) -> None:
             if n in erased or n.users:
                 continue
             inputs = n.all_input_nodes
-            if n.op == "get_attr":
+            if n.op in ("get_attr", "call_module"):
                 dropped.add(str(n.target))
             gm.graph.erase_node(n)
             erased.add(n)
             changed = True
             candidates.extend(a for a in inputs if a.op == "get_attr" and a not in erased)
-    still_read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-    for fqn in dropped - still_read:
-        delete_tensor(gm, fqn)
-    gm.delete_all_unused_submodules()
+    for target in dropped:
+        if not _referenced(gm, target):
+            delete_tensor(gm, target)
+            _delete_unused_owners(gm, target)
+
+
+def _referenced(gm: GraphModule, target: str) -> bool:
+    """Whether a ``get_attr``/``call_module`` node still names ``target`` exactly."""
+    graph = gm.graph
+    return bool(graph.find_nodes(op="get_attr", target=target)) or bool(
+        graph.find_nodes(op="call_module", target=target)
+    )
+
+
+def _delete_unused_owners(gm: GraphModule, target: str) -> None:
+    """Delete ``target`` (if a submodule) and its enclosing submodules that no node reaches any
+    more — what ``GraphModule.delete_all_unused_submodules`` does, for the paths of one dropped
+    target instead of a whole-graph sweep per call."""
+    parts = target.split(".")
+    paths = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+    if any(gm.graph.find_nodes(op="call_module", target=p) for p in paths[1:]):
+        return  # inside a called module: everything under it stays
+    for path in paths:
+        try:
+            mod = gm.get_submodule(path)
+        except AttributeError:
+            continue
+        if _reached(gm, path, mod):
+            return  # so are its owners
+        gm.delete_submodule(path)
+
+
+def _reached(gm: GraphModule, path: str, mod: nn.Module) -> bool:
+    """Whether a node names ``path`` or anything inside the module at ``path``."""
+    for prefix, sub in mod.named_modules(prefix=path, remove_duplicate=False):
+        if _referenced(gm, prefix):
+            return True
+        attrs = [*sub._parameters, *sub._buffers]
+        attrs += [k for k, v in vars(sub).items() if isinstance(v, torch.Tensor | nn.Module)]
+        if any(_referenced(gm, f"{prefix}.{a}") for a in attrs):
+            return True
+    return False
 
 
 def used_modules(gm: GraphModule) -> set[str]:
