@@ -132,7 +132,8 @@ def bench_depth(layers: int, work: Path, rounds: int) -> dict:
                 f"[{layers} layers] {what}: {wall:.2f} s, peak RSS {rss / 1e9:.2f} GB", flush=True
             )
     report = json.loads((work / "report.json").read_text())
-    changes = {k: len(v) for k, v in report.get("changes", {}).items()}
+    changes = {p["name"]: len(p["changes"]) for p in report["passes"]}
+    skipped = {p["name"]: len(p.get("skipped", [])) for p in report["passes"]}
     shutil.rmtree(src)
     shutil.rmtree(out, ignore_errors=True)
     f_wall = statistics.median(w for w, _, _ in floor)
@@ -153,6 +154,7 @@ def bench_depth(layers: int, work: Path, rounds: int) -> dict:
         "normrewrite_peak_rss_bytes": c_rss,
         "normrewrite_rss_over_checkpoint": round(c_rss / ckpt, 3),
         "changes": changes,
+        "skipped": skipped,
     }
 
 

@@ -238,13 +238,11 @@ def constant_fqn(node: object) -> str | None:
 class TensorUsage:
     """How many places in a graph read each stored tensor, counting aliases (tied weights).
 
-    Built once per pass with :meth:`of`; a rewrite that changes a few tensors updates them with
+    Built once per pass with :meth:`of`; a rewrite updates the few tensors it touched with
     :meth:`refresh` instead of rescanning the graph (a rescan per match grows as layers²)."""
 
     reads: dict[str, int]
     aliases: dict[str, frozenset[str]]
-    by_identity: dict[int, frozenset[str]]
-    identity: dict[str, int]
 
     @classmethod
     def of(cls, gm: GraphModule) -> TensorUsage:
@@ -259,46 +257,33 @@ class TensorUsage:
         groups: dict[int, set[str]] = {}
         for name, t in _named_tensors(gm):
             groups.setdefault(_identity(t), set()).add(name)
-        by_identity = {i: frozenset(g) for i, g in groups.items()}
-        aliases = {name: g for g in by_identity.values() for name in g}
-        identity = {name: i for i, g in by_identity.items() for name in g}
-        return cls(dict(reads), aliases, by_identity, identity)
+        aliases = {name: frozenset(g) for g in groups.values() for name in g}
+        return cls(dict(reads), aliases)
 
     def refresh(self, gm: GraphModule, fqns: Iterable[str]) -> None:
-        """Recount the tensors ``fqns`` (changed, created or deleted by a rewrite) in place."""
-        for fqn in set(fqns):
-            self._forget(fqn)
-            t = _tensor_at(gm, fqn)
+        """Recount the tensors ``fqns`` (rewritten, created or deleted) in place. Ties are
+        regrouped among these names and their former aliases."""
+        names = set(fqns)
+        near = set(names)
+        for fqn in names:
+            near |= self.aliases.pop(fqn, frozenset())
+            self.reads.pop(fqn, None)
+        groups: dict[int, set[str]] = {}
+        for n in near:
+            t = _tensor_at(gm, n)
             if t is None:
-                continue
-            getters = gm.graph.find_nodes(op="get_attr", target=fqn)
-            reads = sum(max(1, len(n.users)) for n in getters)
-            prefix = fqn.rpartition(".")[0]
-            if prefix:
-                callers = gm.graph.find_nodes(op="call_module", target=prefix)
-                reads += sum(1 for n in callers if not is_bookkeeping(n))
+                self.aliases.pop(n, None)
+            else:
+                groups.setdefault(_identity(t), set()).add(n)
+        for group in groups.values():
+            self.aliases.update(dict.fromkeys(group, frozenset(group)))
+        graph = gm.graph
+        for fqn in names & set().union(*groups.values()):
+            reads = sum(max(1, len(n.users)) for n in graph.find_nodes(op="get_attr", target=fqn))
+            callers = graph.find_nodes(op="call_module", target=fqn.rpartition(".")[0])
+            reads += sum(1 for n in callers if not is_bookkeeping(n))
             if reads:
                 self.reads[fqn] = reads
-            # names still holding this very tensor (ids of freed tensors may be reused)
-            old = self.by_identity.get(_identity(t), frozenset())
-            group = frozenset({fqn, *(n for n in old if _tensor_at(gm, n) is t)})
-            self.by_identity[_identity(t)] = group
-            for name in group:
-                self.aliases[name] = group
-                self.identity[name] = _identity(t)
-
-    def _forget(self, fqn: str) -> None:
-        self.reads.pop(fqn, None)
-        group = self.aliases.pop(fqn, frozenset())
-        i = self.identity.pop(fqn, None)
-        rest = group - {fqn}
-        for name in rest:
-            self.aliases[name] = rest
-        if i is not None:
-            if rest:
-                self.by_identity[i] = rest
-            else:
-                self.by_identity.pop(i, None)
 
     def count(self, fqn: str) -> int:
         """Reads of the tensor at ``fqn`` under any of its names."""
@@ -313,13 +298,13 @@ class TensorUsage:
 
 
 def _tensor_at(gm: nn.Module, fqn: str) -> torch.Tensor | None:
+    """The parameter or buffer at ``fqn``, if any."""
     prefix, name = _split(fqn)
     try:
         owner = gm.get_submodule(prefix) if prefix else gm
     except AttributeError:
         return None
-    t = getattr(owner, name, None)
-    return t if isinstance(t, torch.Tensor) else None
+    return owner._parameters.get(name, owner._buffers.get(name))
 
 
 def _named_tensors(mod: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -396,10 +381,6 @@ def _reached(gm: GraphModule, path: str, mod: nn.Module) -> bool:
         if any(_referenced(gm, f"{prefix}.{a}") for a in attrs):
             return True
     return False
-
-
-def used_modules(gm: GraphModule) -> set[str]:
-    return {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
 
 
 # --------------------------------------------------------------------------- networkx view
