@@ -29,7 +29,15 @@ import torch
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
-from normrewrite.core.graph import TensorUsage, erase_unused, get_tensor, node_shape, users
+from normrewrite.analysis.norms.ops import binary, is_noop_cast, op_name
+from normrewrite.core.graph import (
+    TensorUsage,
+    erase_unused,
+    get_tensor,
+    node_dtype,
+    node_shape,
+    users,
+)
 from normrewrite.core.ops import (
     DenseInfo,
     NormInfo,
@@ -136,11 +144,36 @@ class AffineFold:
         return f"folded {what} into {', '.join(d.label for d in self.layers)}"
 
 
+def _gamma_after_cast(out: Node) -> str | None:
+    """Why a γ multiplied after the norm's down-cast is not folded (None: no such γ).
+
+    fuse-norm leaves γ outside the fused op when the model rounds the normalized value to a
+    narrower dtype first (HF Llama: ``γ * x.to(bfloat16)``). Folding γ into the next layers'
+    weights would round ``W·diag(γ)`` instead of ``γ ⊙ x``: not exact, so it is refused."""
+    us = users(out)
+    if len(us) != 1 or op_name(us[0]) != "cast" or is_noop_cast(us[0]):
+        return None
+    cast = us[0]
+    after = users(cast)
+    if len(after) != 1 or op_name(after[0]) != "mul":
+        return None
+    other = [a for a in binary(after[0]) if a is not cast]
+    if len(other) != 1 or not (isinstance(other[0], Node) and other[0].op == "get_attr"):
+        return None
+    return (
+        f"γ multiplies the norm's output after its cast to {str(node_dtype(cast)).removeprefix('torch.')}; folding it "
+        f"into the next layers would round W·γ instead of γ·x (not exact)"
+    )
+
+
 def match(gm: GraphModule, node: Node, usage: TensorUsage) -> AffineFold | Skip | None:
     info = norm_info(gm, node)
     if info is None or info.kind not in ("layernorm", "rmsnorm"):
         return None
     if not info.has_weight and not info.has_bias:
+        late = _gamma_after_cast(info.node)
+        if late is not None:  # bf16/fp16 Llama after fuse-norm: γ · cast(rms_norm(x))
+            return Skip(info.label, late)
         return None  # affine-free already
     label = info.label
     if (info.has_weight and info.weight is None) or (info.has_bias and info.bias is None):
@@ -239,8 +272,11 @@ class _FoldAffine(Rewrite[AffineFold]):
 
     def apply(self, found: AffineFold) -> Change:
         change = Change(found.label, found.describe())
+        logged = len(self.ctx.recipes)
         apply(self.gm, found, self.ctx)
-        self.usage = TensorUsage.of(self.gm)
+        touched = {n for r in self.ctx.recipes[logged:] for n in (*r.outputs, *r.inputs)}
+        touched |= {n for n in (found.norm.weight, found.norm.bias) if n is not None}
+        self.usage.refresh(self.gm, touched)
         return change
 
 

@@ -469,3 +469,24 @@ def test_each_pass_recompiles_once_whatever_its_matches(
     monkeypatch.undo()
     for want, got in zip(run(model, x), run(gm, x), strict=True):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_erase_unused_drops_orphaned_tensors_and_submodules(tracer: str) -> None:
+    from normrewrite.core.graph import erase_unused
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)).eval()
+    gm = trace(model, (torch.randn(2, 4),), tracer).graph_module
+    ln = (
+        next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "1")
+        if (tracer == "fx")
+        else next(n for n in gm.graph.nodes if "layer_norm" in str(n.target))
+    )
+    ln.replace_all_uses_with(ln.args[0])
+    erase_unused(gm, [ln])
+    gm.recompile()
+    names = {n for n, _ in gm.named_modules()}
+    assert "1" not in names and "0" in names
+    assert {n for n, _ in gm.named_parameters()} == {"0.weight", "0.bias"}
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(gm(x), model[0](x))

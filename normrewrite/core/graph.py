@@ -236,7 +236,10 @@ def constant_fqn(node: object) -> str | None:
 
 @dataclass(frozen=True)
 class TensorUsage:
-    """How many places in a graph read each stored tensor, counting aliases (tied weights)."""
+    """How many places in a graph read each stored tensor, counting aliases (tied weights).
+
+    Built once per pass with :meth:`of`; a rewrite updates the few tensors it touched with
+    :meth:`refresh` instead of rescanning the graph (a rescan per match grows as layers²)."""
 
     reads: dict[str, int]
     aliases: dict[str, frozenset[str]]
@@ -257,6 +260,31 @@ class TensorUsage:
         aliases = {name: frozenset(g) for g in groups.values() for name in g}
         return cls(dict(reads), aliases)
 
+    def refresh(self, gm: GraphModule, fqns: Iterable[str]) -> None:
+        """Recount the tensors ``fqns`` (rewritten, created or deleted) in place. Ties are
+        regrouped among these names and their former aliases."""
+        names = set(fqns)
+        near = set(names)
+        for fqn in names:
+            near |= self.aliases.pop(fqn, frozenset())
+            self.reads.pop(fqn, None)
+        groups: dict[int, set[str]] = {}
+        for n in near:
+            t = _tensor_at(gm, n)
+            if t is None:
+                self.aliases.pop(n, None)
+            else:
+                groups.setdefault(_identity(t), set()).add(n)
+        for group in groups.values():
+            self.aliases.update(dict.fromkeys(group, frozenset(group)))
+        graph = gm.graph
+        for fqn in names & set().union(*groups.values()):
+            reads = sum(max(1, len(n.users)) for n in graph.find_nodes(op="get_attr", target=fqn))
+            callers = graph.find_nodes(op="call_module", target=fqn.rpartition(".")[0])
+            reads += sum(1 for n in callers if not is_bookkeeping(n))
+            if reads:
+                self.reads[fqn] = reads
+
     def count(self, fqn: str) -> int:
         """Reads of the tensor at ``fqn`` under any of its names."""
         names = self.aliases.get(fqn, frozenset({fqn}))
@@ -267,6 +295,16 @@ class TensorUsage:
         if fqn is None:
             return True
         return self.count(fqn) <= 1 and len(self.aliases.get(fqn, ())) <= 1
+
+
+def _tensor_at(gm: nn.Module, fqn: str) -> torch.Tensor | None:
+    """The parameter or buffer at ``fqn``, if any."""
+    prefix, name = _split(fqn)
+    try:
+        owner = gm.get_submodule(prefix) if prefix else gm
+    except AttributeError:
+        return None
+    return owner._parameters.get(name, owner._buffers.get(name))
 
 
 def _named_tensors(mod: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -287,7 +325,7 @@ def erase_unused(gm: GraphModule, nodes: Iterable[Node]) -> None:
     matches)."""
     candidates = list(nodes)
     erased: set[Node] = set()
-    dropped: set[str] = set()
+    dropped: set[str] = set()  # get_attr / call_module targets no longer read by an erased node
     changed = True
     while changed:
         changed = False
@@ -295,20 +333,54 @@ def erase_unused(gm: GraphModule, nodes: Iterable[Node]) -> None:
             if n in erased or n.users:
                 continue
             inputs = n.all_input_nodes
-            if n.op == "get_attr":
+            if n.op in ("get_attr", "call_module"):
                 dropped.add(str(n.target))
             gm.graph.erase_node(n)
             erased.add(n)
             changed = True
             candidates.extend(a for a in inputs if a.op == "get_attr" and a not in erased)
-    still_read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-    for fqn in dropped - still_read:
-        delete_tensor(gm, fqn)
-    gm.delete_all_unused_submodules()
+    for target in dropped:
+        if not _referenced(gm, target):
+            delete_tensor(gm, target)
+            _delete_unused_owners(gm, target)
 
 
-def used_modules(gm: GraphModule) -> set[str]:
-    return {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+def _referenced(gm: GraphModule, target: str) -> bool:
+    """Whether a ``get_attr``/``call_module`` node still names ``target`` exactly."""
+    graph = gm.graph
+    return bool(graph.find_nodes(op="get_attr", target=target)) or bool(
+        graph.find_nodes(op="call_module", target=target)
+    )
+
+
+def _delete_unused_owners(gm: GraphModule, target: str) -> None:
+    """Delete ``target`` (if a submodule) and its enclosing submodules that no node reaches any
+    more — what ``GraphModule.delete_all_unused_submodules`` does, for the paths of one dropped
+    target instead of a whole-graph sweep per call."""
+    parts = target.split(".")
+    paths = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+    if any(gm.graph.find_nodes(op="call_module", target=p) for p in paths[1:]):
+        return  # inside a called module: everything under it stays
+    for path in paths:
+        try:
+            mod = gm.get_submodule(path)
+        except AttributeError:
+            continue
+        if _reached(gm, path, mod):
+            return  # so are its owners
+        gm.delete_submodule(path)
+
+
+def _reached(gm: GraphModule, path: str, mod: nn.Module) -> bool:
+    """Whether a node names ``path`` or anything inside the module at ``path``."""
+    for prefix, sub in mod.named_modules(prefix=path, remove_duplicate=False):
+        if _referenced(gm, prefix):
+            return True
+        attrs = [*sub._parameters, *sub._buffers]
+        attrs += [k for k, v in vars(sub).items() if isinstance(v, torch.Tensor | nn.Module)]
+        if any(_referenced(gm, f"{prefix}.{a}") for a in attrs):
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------- networkx view

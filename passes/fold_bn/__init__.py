@@ -76,8 +76,13 @@ class _Fold(Rewrite[FoldMatch]):
 
     def apply(self, found: FoldMatch) -> Change:
         change = Change(found.label, found.describe())
+        logged = len(self.ctx.recipes)
         fx.apply(self.gm, found, self.ctx)
-        self.usage = TensorUsage.of(self.gm)  # the fold added/removed tensors
+        # the fold rewrote, created (bias, private copies) and removed (the BN's) tensors, all
+        # named by the recipes it logged
+        self.usage.refresh(
+            self.gm, {n for r in self.ctx.recipes[logged:] for n in (*r.outputs, *r.inputs)}
+        )
         return change
 
 

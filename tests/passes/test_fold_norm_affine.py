@@ -25,7 +25,11 @@ def test_fold_affine_math(out_dim: int, with_bias: bool) -> None:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(8, D, generator=g)  # Linear layout (out, in)
     b = torch.randn(8, generator=g) if with_bias else None
-    gamma, beta, z = torch.randn(D, generator=g), torch.randn(D, generator=g), torch.randn(5, D, generator=g)
+    gamma, beta, z = (
+        torch.randn(D, generator=g),
+        torch.randn(D, generator=g),
+        torch.randn(5, D, generator=g),
+    )
     stored = w if out_dim == 0 else w.t().contiguous()
     nw, nb = fold_affine(stored, b, gamma, beta, out_dim=out_dim)
     want = torch.nn.functional.linear(gamma * z + beta, w, b)
@@ -99,6 +103,29 @@ def test_folds_into_several_linears(tracer: str) -> None:
     assert get_tensor(gm, "k.bias").shape == (D,)  # β needed a bias
     assert compare(_ref64(model, x), [gm(x)]).max_rel_err <= 1e-5
     assert not FoldNormAffine()(gm).modified
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_usage_is_kept_current_without_rescans(tracer: str) -> None:
+    """The rewrite refreshes only the tensors a fold touched; the result equals a full rescan."""
+    from normrewrite.core.graph import TensorUsage
+    from normrewrite.core.pass_infra import PassContext
+    from normrewrite.core.rewrite import rewrite_each
+
+    gm = trace(models.randomize_norms(QKV()).eval(), (_x(),), tracer).graph_module
+    rewrite = FoldNormAffine().rewriter(gm, PassContext())
+    assert len(rewrite_each(rewrite).changes) == 2
+    fresh = TensorUsage.of(gm)
+    assert rewrite.usage.reads == fresh.reads and rewrite.usage.aliases == fresh.aliases
+    assert "k.bias" in rewrite.usage.aliases  # created by the fold
+
+
+def test_bf16_llama_says_why_gamma_after_the_cast_is_not_folded() -> None:
+    gm = trace(models.llama().to(torch.bfloat16), (models.token_ids(),), "export").graph_module
+    FuseNorm()(gm)
+    result = FoldNormAffine()(gm)
+    assert not result.modified and len(result.skipped) == 5  # two per layer + the final norm
+    assert all("after its cast to bfloat16" in s.reason for s in result.skipped)
 
 
 @pytest.mark.parametrize(
