@@ -13,7 +13,6 @@ Layers: :mod:`~normrewrite.load` → :mod:`~normrewrite.trace` → passes
 
 __version__ = "0.1.0"
 
-from normrewrite.analysis.scale_invariance import param_groups, scale_invariant_params
 from normrewrite.api import ConvertOptions, ConvertResult, InspectResult, convert, inspect, prepare
 from normrewrite.core.pass_infra import Change, Pass, PassContext, PassManager, PassResult, Skip
 from normrewrite.errors import (
@@ -26,6 +25,18 @@ from normrewrite.errors import (
     VerifyError,
 )
 from normrewrite.passes import REGISTRY
+
+_LAZY = {"param_groups", "scale_invariant_params"}  # normrewrite.analysis.scale_invariance
+
+
+def __getattr__(name: str) -> object:
+    """The scale-invariance analysis, imported when first asked for (it is not on the path of a
+    conversion, and its imports are heavy)."""
+    if name in _LAZY:
+        from normrewrite.analysis import scale_invariance
+
+        return getattr(scale_invariance, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "REGISTRY",

@@ -5,9 +5,11 @@ result actually runs on the example inputs; where it fails — every Hugging Fac
 ``torch.export`` takes over, producing an ATen graph whose nodes keep their module path in
 ``nn_module_stack``. Both results have their tensor shapes recorded in node metadata.
 
-The traced module never shares mutable state with the caller's model: symbolic_trace works on a
-deep copy; torch.export's module holds the same tensors, which passes never write into (they only
-rebind names, see :func:`normrewrite.core.graph.set_tensor`).
+The traced module never shares mutable state with the caller's model: a symbolic_trace graph is
+deep-copied once the trace succeeded (a failed attempt, as on every Hugging Face model, copies
+nothing); torch.export's module holds the same tensors, which passes never write into (they only
+rebind names, see :func:`normrewrite.core.graph.set_tensor`). The exported program is kept
+(:attr:`Traced.program`), so an emitter can reuse it while the graph is unchanged.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Traced:
     graph_module: GraphModule
     tracer: str  # "fx" | "export" | "pt2"
     notes: list[str]
+    program: torch.export.ExportedProgram | None = None  # torch.export's program of the graph
 
 
 def on_meta(inputs: tuple[Any, ...]) -> bool:
@@ -68,13 +71,13 @@ def trace(
                 f"symbolic_trace failed ({type(e).__name__}: {first_line(e)}); used torch.export"
             )
     try:
-        gm = _export(module, example_inputs, dynamic=dynamic)
+        ep = _export(module, example_inputs, dynamic=dynamic)
     except Exception as e:
         raise TraceError(
             f"torch.export failed: {type(e).__name__}: {first_line(e)}"
             + integer_ids_hint(module, example_inputs, e)
         ) from e
-    return Traced(gm, "export", notes)
+    return Traced(exported_module(ep), "export", notes, ep)
 
 
 _INDEX_ERROR = re.compile(r"\bindices\b|embedding", re.IGNORECASE)
@@ -98,7 +101,8 @@ def integer_ids_hint(module: nn.Module, example_inputs: tuple[Any, ...], e: Base
 
 
 def _fx(module: nn.Module, example_inputs: tuple[Any, ...]) -> GraphModule:
-    gm = torch.fx.symbolic_trace(copy.deepcopy(module))
+    # a GraphModule shares the module's submodules and tensors: copy once the trace succeeded
+    gm = copy.deepcopy(torch.fx.symbolic_trace(module))
     # symbolic_trace can "succeed" and still produce a graph that does not run (e.g. it baked in
     # a shape-dependent branch wrongly or lost a kwarg): propagate shapes, which runs it.
     with torch.no_grad(), silenced():  # ShapeProp prints a traceback before re-raising
@@ -108,13 +112,12 @@ def _fx(module: nn.Module, example_inputs: tuple[Any, ...]) -> GraphModule:
 
 def _export(
     module: nn.Module, example_inputs: tuple[Any, ...], *, dynamic: bool = False
-) -> GraphModule:
+) -> torch.export.ExportedProgram:
     if dynamic:
-        return exported_module(export_dynamic(module, example_inputs))
+        return export_dynamic(module, example_inputs)
     with warnings.catch_warnings(), silenced():
         warnings.simplefilter("ignore")
-        ep = torch.export.export(module, tuple(example_inputs), strict=False)
-    return exported_module(ep)
+        return torch.export.export(module, tuple(example_inputs), strict=False)
 
 
 def exported_module(ep: torch.export.ExportedProgram) -> GraphModule:

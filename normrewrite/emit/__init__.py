@@ -12,6 +12,7 @@ Every output is written to a temporary name beside the destination and renamed o
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import re
@@ -166,6 +167,30 @@ def export_program(
         found = tuple(known)
     ep.graph_module.meta[_OUTPUTS_META] = Outputs(found, not keep_output_classes)
     return ep
+
+
+def reuse_program(ep: ExportedProgram, *, keep_output_classes: bool = False) -> ExportedProgram | None:
+    """:func:`export_program`'s result without exporting again, from the program the graph was
+    traced with (``ep``, its graph unchanged since): the same graph and weights under the same
+    output contract — the flat tuple of the output tensors (a lone tensor stays one), or the
+    model's own structure with ``keep_output_classes``. None when an output is not a graph
+    tensor (a constant): export it again then."""
+    sig = ep.module_call_graph[0].signature
+    if sig is None or sig.out_spec.num_leaves != len(ep.graph_signature.user_outputs):
+        return None
+    structure = pytree.tree_unflatten([torch.empty(0)] * sig.out_spec.num_leaves, sig.out_spec)
+    _, found = _flatten(structure)
+    flatten = not keep_output_classes and not isinstance(structure, torch.Tensor)
+    calls = copy.deepcopy(ep.module_call_graph)
+    if flatten:
+        calls[0].signature.out_spec = pytree.tree_structure(tuple(range(len(found))))
+    program = ExportedProgram(
+        root=ep.graph_module, graph=ep.graph, graph_signature=ep.graph_signature,
+        state_dict=ep.state_dict, range_constraints=ep.range_constraints, module_call_graph=calls,
+        example_inputs=ep.example_inputs, constants=ep.constants, verifiers=ep.verifiers,
+    )
+    program.graph_module.meta[_OUTPUTS_META] = Outputs(found, not keep_output_classes)
+    return program
 
 
 def output_names(ep: ExportedProgram) -> Outputs | None:

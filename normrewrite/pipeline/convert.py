@@ -33,7 +33,7 @@ from normrewrite.load.inputs import describe
 from normrewrite.passes import ONNX_REGISTRY, REGISTRY
 from normrewrite.pipeline.options import ConvertOptions, Hooks
 from normrewrite.pipeline.outputs import check_outputs, fix_for_onnx, write_onnx, write_output
-from normrewrite.pipeline.prepare import ModelLike, cast_model, load_model, prepare
+from normrewrite.pipeline.prepare import ModelLike, cast_model, load_and_trace, load_model
 from normrewrite.pipeline.results import ConvertResult
 from normrewrite.report import PassReport, Report, VerifyReport
 from normrewrite.report import save as save_report
@@ -137,10 +137,11 @@ def _convert_in_memory(
             reference32 = cast_model(model, onnx)
             example_inputs = model.example_inputs
             rtol = max(rtol, DTYPE_RTOL[onnx.dtype])  # the torch-side checks run in that dtype too
-        loaded, gm, tracer_used, notes = prepare(
+        prepared = load_and_trace(
             model, example_inputs, input_specs=options.input_specs, tracer=options.tracer,
             keep_training=options.keep_training, dynamic=wants_onnx and onnx.dynamic, **load_args,
         )
+    loaded, gm, tracer_used, notes = prepared.loaded, prepared.graph_module, prepared.tracer, prepared.notes
     inputs = loaded.example_inputs
     meta = on_meta(inputs)
     report = Report(model=loaded.description, source=loaded.source, tracer=tracer_used,
@@ -185,10 +186,18 @@ def _convert_in_memory(
     with _timed(timings, "emit"), transaction(dests):
         if out_paths:
             stage("exporting the rewritten model")
-            if wants_onnx:
-                fix_for_onnx(gm, ctx, report)
-            ep = emit.export_program(gm, inputs, dynamic=wants_onnx and onnx.dynamic,
-                                     keep_output_classes=options.keep_output_classes)
+            dynamic = wants_onnx and onnx.dynamic
+            fixed = wants_onnx and fix_for_onnx(gm, ctx, report)
+            # trace once: the traced program serves while no pass changed the graph (a --dynamic
+            # program is exported again: the exporter needs the re-export's graph to keep its
+            # dims free, tests/test_deploy.py)
+            reuse = prepared.program is not None and not dynamic and not fixed
+            ep = None
+            if reuse and not any(r.result.modified for r in result.runs):
+                ep = emit.reuse_program(prepared.program, keep_output_classes=options.keep_output_classes)
+            if ep is None:
+                ep = emit.export_program(gm, inputs, dynamic=dynamic,
+                                         keep_output_classes=options.keep_output_classes)
             contract = emit.output_names(ep)
             if contract is not None:
                 report.program_outputs = list(contract.names)

@@ -35,13 +35,15 @@ def check_outputs(
     return dests
 
 
-def fix_for_onnx(gm: GraphModule, ctx: PassContext, report: Report) -> None:
-    """Before ONNX emission: repair what torch.onnx.export cannot take (passes/fix_export.py)."""
+def fix_for_onnx(gm: GraphModule, ctx: PassContext, report: Report) -> bool:
+    """Before ONNX emission: repair what torch.onnx.export cannot take (passes/fix_export.py);
+    whether it changed the graph."""
     fix: Pass = REGISTRY.create("fix-export")
     result = fix(gm, ctx)
     if result.modified:
         report.passes.append(PassReport(fix.name, fix.describe(), fix.exact, True, result.changes,
                                         result.skipped, ["run automatically before ONNX emission", *result.notes]))
+    return result.modified
 
 
 def write_output(ep: torch.export.ExportedProgram, path: Path, fmt: str, report: Report) -> OutputReport:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,6 +56,47 @@ def training_modules(module: nn.Module) -> list[str]:
     return [name or "<root>" for name, m in module.named_modules() if m.training and isinstance(m, modal)]
 
 
+@dataclass
+class Prepared:
+    """A loaded and traced model; ``program`` is torch.export's program of ``graph_module`` (the
+    ``export`` tracer), which emission reuses while no pass changed the graph."""
+
+    loaded: LoadedModel
+    graph_module: GraphModule
+    tracer: str
+    notes: list[str]
+    program: torch.export.ExportedProgram | None = None
+
+
+def load_and_trace(
+    model: ModelLike,
+    example_inputs: Any = None,
+    *,
+    input_specs: Sequence[InputSpec] | None = None,
+    tracer: Tracer = "auto",
+    keep_training: bool = False,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+    trust_pickle: bool = False,
+    dynamic: bool = False,
+    trust_native_code: bool = False,
+) -> Prepared:
+    """Load and trace (see :class:`Prepared`)."""
+    loaded = load_model(model, example_inputs, input_specs=input_specs, seed=seed,
+                        trust_remote_code=trust_remote_code, trust_pickle=trust_pickle,
+                        trust_native_code=trust_native_code)
+    notes = list(loaded.notes)
+    if loaded.exported is not None:
+        return Prepared(loaded, exported_module(loaded.exported), "pt2", notes)
+    training = training_modules(loaded.module)
+    if training and not keep_training:
+        shown = ", ".join(training[:3]) + (f" and {len(training) - 3} more" if len(training) > 3 else "")
+        notes.append(f"model was in training mode ({shown}); switched to eval mode before tracing")
+        loaded.module.eval()
+    traced = trace(loaded.module, loaded.example_inputs, tracer, dynamic=dynamic)
+    return Prepared(loaded, traced.graph_module, traced.tracer, notes + traced.notes, traced.program)
+
+
 def prepare(
     model: ModelLike,
     example_inputs: Any = None,
@@ -69,19 +111,10 @@ def prepare(
     trust_native_code: bool = False,
 ) -> tuple[LoadedModel, GraphModule, str, list[str]]:
     """Load and trace: (loaded model, traced graph, tracer used, notes)."""
-    loaded = load_model(model, example_inputs, input_specs=input_specs, seed=seed,
-                        trust_remote_code=trust_remote_code, trust_pickle=trust_pickle,
-                        trust_native_code=trust_native_code)
-    notes = list(loaded.notes)
-    if loaded.exported is not None:
-        return loaded, exported_module(loaded.exported), "pt2", notes
-    training = training_modules(loaded.module)
-    if training and not keep_training:
-        shown = ", ".join(training[:3]) + (f" and {len(training) - 3} more" if len(training) > 3 else "")
-        notes.append(f"model was in training mode ({shown}); switched to eval mode before tracing")
-        loaded.module.eval()
-    traced = trace(loaded.module, loaded.example_inputs, tracer, dynamic=dynamic)
-    return loaded, traced.graph_module, traced.tracer, notes + traced.notes
+    p = load_and_trace(model, example_inputs, input_specs=input_specs, tracer=tracer,
+                       keep_training=keep_training, trust_remote_code=trust_remote_code, seed=seed,
+                       trust_pickle=trust_pickle, dynamic=dynamic, trust_native_code=trust_native_code)
+    return p.loaded, p.graph_module, p.tracer, p.notes
 
 
 def cast_model(loaded: LoadedModel, options: OnnxOptions) -> list[torch.Tensor]:

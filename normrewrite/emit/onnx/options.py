@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from normrewrite.core.onnx_graph import default_opset
-from normrewrite.core.onnx_pass import Target
 from normrewrite.errors import UsageError
+
+if TYPE_CHECKING:
+    from normrewrite.core.onnx_pass import Target
 
 TWO_GB = 2**31 - 1  # protobuf's limit: initializers above it go to external data
 DTYPES = ("float32", "float16", "bfloat16")
@@ -39,6 +40,8 @@ class OnnxOptions:
 
     @property
     def resolved_opset(self) -> int:
+        from normrewrite.core.onnx_graph import default_opset  # imports onnx_ir: only for ONNX
+
         return self.opset or default_opset()
 
     def torch_dtype(self) -> Any:

@@ -94,8 +94,8 @@ def validate_file(path: Path) -> list[str]:
 
     from normrewrite.load.safety import check_external_data
 
-    check_external_data(path)
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = onnx.load(str(path), load_external_data=False)  # parsed once, for every check below
+    external = check_external_data(path, proto)
     ort_ops = sorted(
         {
             n.op_type
@@ -110,7 +110,8 @@ def validate_file(path: Path) -> list[str]:
             raise EmitError(f"onnxruntime refuses the model: {first_line(e)}") from e
         return [f"uses onnxruntime ops ({', '.join(ort_ops)}): validated by an onnxruntime session"]
     try:
-        onnx.checker.check_model(str(path), full_check=True)
+        # with external data the checker needs the path (it reads the tensors' files itself)
+        onnx.checker.check_model(str(path) if external else proto, full_check=True)
     except Exception as e:
         raise EmitError(f"the ONNX model fails onnx.checker: {first_line(e)}") from e
     return []
