@@ -14,7 +14,7 @@ from normrewrite.analysis.norms.fused import from_info
 from normrewrite.analysis.norms.l2 import l2_norms
 from normrewrite.analysis.norms.record import Form, Kind, Norm, Scale
 from normrewrite.analysis.norms.weight import weight_norms
-from normrewrite.analysis.norms.written import written_norms
+from normrewrite.analysis.norms.written_records import written_norms
 from normrewrite.core.ops import norms
 
 
