@@ -192,3 +192,14 @@ def test_inspect_promises_what_convert_does(build, shape, pass_name: str) -> Non
     report = normrewrite.convert(model, [pass_name], inputs).report
     done = {c.target for p in report.passes for c in p.changes}
     assert promised == done and promised
+
+
+def test_convnextv2_grn() -> None:
+    cfg = transformers.ConvNextV2Config(
+        patch_size=4, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, image_size=32
+    )
+    got = find_norms(_export(transformers.ConvNextV2Model(cfg), torch.randn(1, 3, 32, 32)))
+    grn = [n for n in got if n.kind == "grn"]
+    assert len(grn) == 2 and not [n for n in got if n.kind == "unknown"]
+    assert all((n.axes, n.eps, n.scale, n.shift) == ((1, 2), 1e-6, "gamma", True) for n in grn)
+    assert grn[0].label.endswith("grn") and len(grn[0].nodes) == 8

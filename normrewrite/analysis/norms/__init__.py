@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch.fx import GraphModule
 
 from normrewrite.analysis.norms.fused import from_info
+from normrewrite.analysis.norms.grn import grn_norms
 from normrewrite.analysis.norms.l2 import l2_norms
 from normrewrite.analysis.norms.record import Form, Kind, Norm, Scale
 from normrewrite.analysis.norms.weight import weight_norms
@@ -21,11 +22,12 @@ from normrewrite.core.ops import norms
 def find_norms(gm: GraphModule) -> list[Norm]:
     """Every normalization in ``gm``, in execution order: fused norm ops, written-out
     RMSNorm/LayerNorm (and normalization-like arithmetic it cannot classify, kind ``unknown``),
-    weight norms, L2 normalizations."""
+    weight norms, L2 normalizations, GRN."""
     found = [from_info(info) for info in norms(gm)]
     found += written_norms(gm)
     found += weight_norms(gm)
     found += l2_norms(gm)
+    found += grn_norms(gm)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     return sorted(found, key=lambda m: order.get(m.node, 0))
 

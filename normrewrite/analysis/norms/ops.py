@@ -27,6 +27,7 @@ _OPS: dict[str, tuple[set[Any], set[Any], set[str]]] = {
     "sqrt": ({aten.sqrt.default}, {torch.sqrt}, {"sqrt"}),
     "mean": ({aten.mean.dim}, {torch.mean}, {"mean"}),
     "var": ({aten.var.correction, aten.var.dim}, {torch.var}, {"var"}),
+    "norm": ({aten.linalg_vector_norm.default}, {torch.linalg.vector_norm, torch.norm}, {"norm"}),
     "cast": (
         {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default},
         set(),
