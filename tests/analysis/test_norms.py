@@ -3,6 +3,8 @@ unknown norms in real architectures, and inspect listing them with the passes th
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import transformers
@@ -11,6 +13,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 import normrewrite
 from normrewrite.analysis.norms import find_norms
+from normrewrite.core.graph import node_shape
 
 
 def _export(model: nn.Module, *args: torch.Tensor) -> torch.fx.GraphModule:
@@ -203,3 +206,81 @@ def test_convnextv2_grn() -> None:
     assert len(grn) == 2 and not [n for n in got if n.kind == "unknown"]
     assert all((n.axes, n.eps, n.scale, n.shift) == ((1, 2), 1e-6, "gamma", True) for n in grn)
     assert grn[0].label.endswith("grn") and len(grn[0].nodes) == 8
+
+
+def _deberta_v2() -> nn.Module:
+    cfg = transformers.DebertaV2Config(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64,
+    )  # fmt: skip
+    return transformers.DebertaV2Model(cfg)
+
+
+def _t5_encoder() -> nn.Module:
+    cfg = transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4
+    )  # fmt: skip
+    return transformers.T5EncoderModel(cfg)
+
+
+def _cohere() -> nn.Module:
+    return transformers.CohereForCausalLM(transformers.CohereConfig(**_SMALL))
+
+
+def _phi3() -> nn.Module:
+    return transformers.Phi3ForCausalLM(transformers.Phi3Config(**_SMALL, pad_token_id=0))
+
+
+@pytest.mark.parametrize(
+    ("build", "kind", "form", "shift", "count", "last"),
+    [
+        # transformers 5 writes DeBERTa-v2's LayerNorm as nn.LayerNorm: a fused op, not arithmetic
+        (_deberta_v2, "layernorm", "aten", True, 5, "encoder.layer.1.output.LayerNorm"),
+        # CohereLayerNorm: (x − x̄)·rsqrt(var + ε)·γ written out, no β; one norm per parallel block
+        (_cohere, "layernorm", "written", False, 3, "model.norm"),
+        (_t5_encoder, "rmsnorm", "written", False, 5, "encoder.final_layer_norm"),
+        (_phi3, "rmsnorm", "written", False, 5, "model.norm"),
+    ],
+)
+def test_hand_written_and_module_norms(build, kind, form, shift, count, last) -> None:
+    torch.manual_seed(0)
+    got = find_norms(_export(build(), _ids()))
+    assert [(n.kind, n.form, n.scale, n.shift, n.axes) for n in got] == [
+        (kind, form, "gamma", shift, (2,))
+    ] * count
+    assert got[-1].label == last
+
+
+def test_olmo2_qk_norm_over_all_heads() -> None:
+    torch.manual_seed(0)
+    got = find_norms(
+        _export(transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**_SMALL)), _ids())
+    )
+    assert [n.kind for n in got] == ["rmsnorm"] * 9
+    q, k = got[0], got[1]
+    assert (q.label, k.label) == (
+        "model.layers.0.self_attn.q_norm",
+        "model.layers.0.self_attn.k_norm",
+    )
+    # one RMSNorm over every head's features: 4 query heads · 8, 2 key/value heads · 8
+    assert (node_shape(q.input)[-1], node_shape(k.input)[-1]) == (32, 16)
+    assert q.axes == k.axes == (2,) and q.casts == ("float32",)
+
+
+@pytest.mark.parametrize("old", [True, False], ids=["weight_g/weight_v hook", "parametrization"])
+@pytest.mark.parametrize("trace", ["export", "symbolic_trace"])
+def test_weight_norm_spellings(old: bool, trace: str) -> None:
+    conv = nn.Conv1d(4, 6, 3)
+    wn = nn.utils.weight_norm if old else nn.utils.parametrizations.weight_norm
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the hook form is deprecated
+        model = nn.Sequential(wn(conv, dim=0))
+    x = torch.randn(1, 4, 10)
+    if trace == "export":
+        gm = _export(model, x)
+    else:
+        gm = torch.fx.symbolic_trace(model)
+        ShapeProp(gm).propagate(x)
+    (norm,) = find_norms(gm)
+    assert (norm.kind, norm.axes) == ("weightnorm", (1, 2))  # ‖v‖ over all dims but dim 0
+    assert norm.form == ("aten" if trace == "export" else "module")
