@@ -72,6 +72,8 @@ def inspect(
                 block=placed[norm.node].block if norm.node in placed else None,
                 axes=None if norm.axes is None else list(norm.axes), scale=norm.scale,
                 shift=norm.shift, form=norm.form, casts=list(norm.casts), reason=norm.reason,
+                source_axes=None if norm.source_axes is None else list(norm.source_axes),
+                source_shape=list(s) if (s := node_shape(norm.source)) else None,
             )
         )
     si = analyze(gm)

@@ -41,6 +41,10 @@ class NormEntry:
     form: str = "module"  # module / function / aten / written (onnx: op / decomposed)
     casts: list[str] = field(default_factory=list)
     reason: str | None = None  # kind "unknown": why it could not be classified
+    # the normalized axes in the model's own layout: ``axes`` as dims of the value the norm's
+    # input is computed from by layout ops only (transpose/permute/reshape); see Norm.source_axes
+    source_axes: list[int] | None = None
+    source_shape: list[int] | None = None
 
 
 @dataclass

@@ -8,11 +8,13 @@ import warnings
 import pytest
 import torch
 import transformers
+from rich.console import Console
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 import normrewrite
 from normrewrite.analysis.norms import find_norms
+from normrewrite.cli_render import render_inspect
 from normrewrite.core.graph import node_shape
 
 
@@ -284,3 +286,61 @@ def test_weight_norm_spellings(old: bool, trace: str) -> None:
     (norm,) = find_norms(gm)
     assert (norm.kind, norm.axes) == ("weightnorm", (1, 2))  # ‖v‖ over all dims but dim 0
     assert norm.form == ("aten" if trace == "export" else "module")
+
+
+def _patchtst() -> nn.Module:
+    cfg = transformers.PatchTSTConfig(
+        num_input_channels=2, context_length=32, patch_length=8, patch_stride=8, d_model=16,
+        num_attention_heads=2, num_hidden_layers=1, ffn_dim=32, norm_type="batchnorm",
+    )  # fmt: skip
+    return transformers.PatchTSTModel(cfg)
+
+
+_PATCHTST = {
+    # (N·channels, d_model, patches): transpose of the (N, channels, patches, d_model) stream
+    "encoder.layers.0.norm_sublayer1.batchnorm": ((0, 2), (1, 2, 4, 16), (0, 1, 2)),
+}
+_LEVIT = {
+    # BatchNorm1d on (N·L, C) = flatten(0, 1) of the (N, L, C) Linear output
+    "encoder.stages.0.layers.0.module.projection.batch_norm": ((0,), (2, 4, 16), (0, 1)),
+    "encoder.stages.0.layers.2.queries.batch_norm": ((0,), (2, 1, 16), (0, 1)),
+    # no layout op: the source is the input
+    "patch_embeddings.embedding_layer_1.batch_norm": ((0, 2, 3), (2, 2, 16, 16), (0, 2, 3)),
+}
+
+
+@pytest.mark.parametrize(
+    ("build", "x", "want"),
+    [(_patchtst, (1, 32, 2), _PATCHTST), (_levit, (2, 3, 32, 32), _LEVIT)],
+    ids=["patchtst", "levit"],
+)
+def test_axes_in_the_source_layout(build, x, want) -> None:
+    torch.manual_seed(0)
+    got = {n.label: n for n in find_norms(_export(build(), torch.randn(x)))}
+    for label, (axes, source_shape, source_axes) in want.items():
+        norm = got[label]
+        assert norm.axes == axes and norm.source is not None
+        assert (node_shape(norm.source), norm.source_axes) == (source_shape, source_axes)
+        layout = node_shape(norm.input) != source_shape
+        assert (norm.source is not norm.input) == layout
+
+
+class _ChannelsLastBN(nn.Module):
+    """PatchTST/CLAP style: BatchNorm1d over the features of an (N, L, C) stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x.transpose(1, 2)).transpose(1, 2)
+
+
+def test_inspect_shows_axes_in_the_model_layout() -> None:
+    result = normrewrite.inspect(_ChannelsLastBN().eval(), (torch.randn(2, 5, 8),))
+    (entry,) = result.norms
+    assert (entry.type, entry.axes, entry.shape) == ("batchnorm", [0, 2], [2, 8, 5])
+    assert (entry.source_axes, entry.source_shape) == ([0, 1], [2, 5, 8])
+    out = Console(width=200, record=True)
+    render_inspect(result, out)
+    assert "0,2 (= 0,1 of 2x5x8)" in out.export_text()
