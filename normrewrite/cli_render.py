@@ -142,8 +142,17 @@ def render_inspect(result: Any, out: Console) -> None:
         f"{result.nodes} ops, {len(result.norms)} norm layers"
     )
     table = Table()
-    for col in ("block", "name", "kind", "placement", "shape", "axes", "eps", "affine",
-                "what passes could do"):
+    for col in (
+        "block",
+        "name",
+        "kind",
+        "placement",
+        "shape",
+        "axes",
+        "eps",
+        "affine",
+        "what passes could do",
+    ):
         table.add_column(col, overflow="fold")
     previous = None
     for n in result.norms:
@@ -157,7 +166,8 @@ def render_inspect(result: Any, out: Console) -> None:
             "x".join(map(str, n.shape)) if n.shape else "?",
             _axes(n),
             "-" if n.eps is None else f"{n.eps:g}",
-            (n.scale.replace("gamma", "γ") if n.scale != "none" else "-") + (" +β" if n.shift else ""),
+            (n.scale.replace("gamma", "γ") if n.scale != "none" else "-")
+            + (" +β" if n.shift else ""),
             escape(acts),
         )
         previous = block

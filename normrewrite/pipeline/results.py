@@ -32,7 +32,8 @@ class NormEntry:
     affine: bool
     node: str
     actions: dict[str, str] = field(default_factory=dict)
-    placement: str = "other"  # pre / post / sandwich / final / other (normrewrite.analysis.residual)
+    # pre / post / sandwich / final / other (normrewrite.analysis.residual)
+    placement: str = "other"
     block: str | None = None  # the residual branch it belongs to (module path)
     # normrewrite.analysis.norms.Norm: normalized axes of the input, affine form, spelling
     axes: list[int] | None = None
