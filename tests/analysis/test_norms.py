@@ -62,7 +62,7 @@ def test_one_plus_gamma_scale(config, model, kind: str, count: int, scale: str) 
     torch.manual_seed(0)
     extra = {"head_dim": 8} if config is transformers.GemmaConfig else {}
     gm = _export(model(config(**_SMALL, **extra)), _ids())
-    got = [n for n in find_norms(gm) if n.kind != "unknown"]
+    got = find_norms(gm)
     assert [(n.kind, n.scale) for n in got] == [(kind, scale)] * count
 
 
@@ -344,3 +344,38 @@ def test_inspect_shows_axes_in_the_model_layout() -> None:
     out = Console(width=200, record=True)
     render_inspect(result, out)
     assert "0,2 (= 0,1 of 2x5x8)" in out.export_text()
+
+
+class _Odd(nn.Module):
+    """Normalization-like arithmetic no recognizer names, and an L2 norm written without ε."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        centred = x - x.mean(1, keepdim=True)  # centring only, over the sequence
+        by_mean = x / x.mean(-1, keepdim=True)  # divides by its mean
+        unbiased = (x - x.mean(-1, keepdim=True)) * torch.rsqrt(x.var(-1, keepdim=True) + 1e-5)
+        l2 = x / x.norm(dim=-1, keepdim=True)
+        clip = x / x.pow(2).sum(-1, keepdim=True).pow(0.5)  # CLIP's embeddings
+        pooled = x.mean(1)  # a plain mean: not a norm
+        return centred, by_mean, unbiased, l2, clip, pooled
+
+
+@pytest.mark.parametrize("trace", ["export", "symbolic_trace"])
+def test_reductions_that_normalize_their_input(trace: str) -> None:
+    x = torch.randn(2, 4, 8)
+    gm = _export(_Odd(), x) if trace == "export" else torch.fx.symbolic_trace(_Odd())
+    if trace == "symbolic_trace":
+        ShapeProp(gm).propagate(x)
+    got = find_norms(gm)
+    assert [(n.kind, n.axes) for n in got] == [
+        ("unknown", (1,)),
+        ("unknown", (2,)),
+        ("unknown", (2,)),
+        ("l2norm", (2,)),
+        ("l2norm", (2,)),
+    ]
+    assert [n.label for n in got[:2]] == [n.name for n in gm.graph.nodes if "mean" in n.name][:2]
+    reasons = [n.reason or "" for n in got[:3]]
+    assert "subtracts it from that value" in reasons[0] and "over dims [1]" in reasons[0]
+    assert "divides that value by it" in reasons[1]
+    assert "unbiased" in reasons[2]  # the matcher's reason: a LayerNorm but for the correction
+    assert got[3].eps is got[4].eps is None

@@ -82,7 +82,7 @@ def only_user(node: Node, expected: Node | None = None) -> Node | None:
     return us[0]
 
 
-def _square_of(node: object) -> Node | None:
+def square_of(node: object) -> Node | None:
     """x if node is x², else None."""
     name = op_name(node)
     if name == "pow" and scalar(kwarg(node, 1, "exponent")) == 2.0:
@@ -143,7 +143,7 @@ def match(gm: GraphModule, mean: Node) -> NormPattern | Skip | None:
         return None
     label = node_label(mean)
     reduced = reduced_dims(mean)
-    sq_of = _square_of(src) if name == "mean" else None
+    sq_of = square_of(src) if name == "mean" else None
     centred = _centred(mean) if name == "mean" else None
     if name == "var" or (
         sq_of is not None and op_name(sq_of) == "sub" and _centred_sub(sq_of) is not None

@@ -8,7 +8,14 @@ from __future__ import annotations
 from torch.fx import GraphModule, Node
 
 from normrewrite.analysis.norms.conditions import NormKind
-from normrewrite.analysis.norms.ops import binary, cast_input, op_name, plain_binary, scalar
+from normrewrite.analysis.norms.ops import (
+    binary,
+    cast_input,
+    op_name,
+    plain_binary,
+    reduced_axes,
+    scalar,
+)
 from normrewrite.analysis.norms.record import Norm, Scale
 from normrewrite.analysis.norms.written import NormPattern, match, only_user
 from normrewrite.core.graph import node_dtype, node_shape
@@ -79,7 +86,7 @@ def written_norms(gm: GraphModule) -> list[Norm]:
                     n,
                     src,
                     (n,),
-                    None,
+                    reduced_axes(n, src),
                     None,
                     "none",
                     False,
