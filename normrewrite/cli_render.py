@@ -126,6 +126,15 @@ def render_streamed(report: Report, summary: list[str], out: Console) -> None:
         out.print(f"  {line}" if line is not summary[-1] else line, markup=False)
 
 
+def _axes(n: Any) -> str:
+    """``axes``, and the same axes in the model's layout when layout ops lie between."""
+    axes = "?" if n.axes is None else ",".join(map(str, n.axes))
+    if n.source_axes is None or (n.source_axes == n.axes and n.source_shape == n.shape):
+        return axes
+    shape = "x".join(map(str, n.source_shape or ()))
+    return f"{axes} (= {','.join(map(str, n.source_axes))} of {shape})"
+
+
 def render_inspect(result: Any, out: Console) -> None:
     """``inspect``: one row per norm layer, then the scale-invariance summary."""
     out.print(
@@ -133,8 +142,17 @@ def render_inspect(result: Any, out: Console) -> None:
         f"{result.nodes} ops, {len(result.norms)} norm layers"
     )
     table = Table()
-    for col in ("block", "name", "kind", "placement", "shape", "axes", "eps", "affine",
-                "what passes could do"):
+    for col in (
+        "block",
+        "name",
+        "kind",
+        "placement",
+        "shape",
+        "axes",
+        "eps",
+        "affine",
+        "what passes could do",
+    ):
         table.add_column(col, overflow="fold")
     previous = None
     for n in result.norms:
@@ -146,9 +164,10 @@ def render_inspect(result: Any, out: Console) -> None:
             n.type,
             n.placement,
             "x".join(map(str, n.shape)) if n.shape else "?",
-            "?" if n.axes is None else ",".join(map(str, n.axes)),
+            _axes(n),
             "-" if n.eps is None else f"{n.eps:g}",
-            (n.scale.replace("gamma", "γ") if n.scale != "none" else "-") + (" +β" if n.shift else ""),
+            (n.scale.replace("gamma", "γ") if n.scale != "none" else "-")
+            + (" +β" if n.shift else ""),
             escape(acts),
         )
         previous = block

@@ -40,8 +40,13 @@ def inspect(
     if isinstance(model, str | os.PathLike) and os.fspath(model).endswith(".onnx"):
         return _inspect_onnx(Path(os.fspath(model)), onnx_limits)
     loaded, gm, tracer_used, _ = prepare(
-        model, example_inputs, input_specs=input_specs, tracer=tracer,
-        trust_remote_code=trust_remote_code, seed=seed, trust_pickle=trust_pickle,
+        model,
+        example_inputs,
+        input_specs=input_specs,
+        tracer=tracer,
+        trust_remote_code=trust_remote_code,
+        seed=seed,
+        trust_pickle=trust_pickle,
         trust_native_code=trust_native_code,
     )
     ctx = PassContext(example_inputs=loaded.example_inputs, reference=loaded.module, seed=seed)
@@ -64,19 +69,34 @@ def inspect(
             acts = {"-": _no_action(norm)}
         entries.append(
             NormEntry(
-                name=norm.label, type=norm.kind,
-                shape=list(shape) if shape else None, eps=norm.eps,
-                affine=norm.scale != "none" or norm.shift, node=norm.node.name,
+                name=norm.label,
+                type=norm.kind,
+                shape=list(shape) if shape else None,
+                eps=norm.eps,
+                affine=norm.scale != "none" or norm.shift,
+                node=norm.node.name,
                 actions=acts,
                 placement=placed[norm.node].placement if norm.node in placed else "other",
                 block=placed[norm.node].block if norm.node in placed else None,
-                axes=None if norm.axes is None else list(norm.axes), scale=norm.scale,
-                shift=norm.shift, form=norm.form, casts=list(norm.casts), reason=norm.reason,
+                axes=None if norm.axes is None else list(norm.axes),
+                scale=norm.scale,
+                shift=norm.shift,
+                form=norm.form,
+                casts=list(norm.casts),
+                reason=norm.reason,
+                source_axes=None if norm.source_axes is None else list(norm.source_axes),
+                source_shape=list(s) if (s := node_shape(norm.source)) else None,
             )
         )
     si = analyze(gm)
-    return InspectResult(loaded.description, tracer_used, describe(loaded.example_inputs), entries,
-                         count_ops(gm), {"summary": si.summary(), **si.to_json()})
+    return InspectResult(
+        loaded.description,
+        tracer_used,
+        describe(loaded.example_inputs),
+        entries,
+        count_ops(gm),
+        {"summary": si.summary(), **si.to_json()},
+    )
 
 
 def _no_action(norm: Norm) -> str:
@@ -93,13 +113,8 @@ def _no_action(norm: Norm) -> str:
 def _inspect_onnx(path: Path, limits: OnnxLimits | None = None) -> InspectResult:
     """``inspect`` of an ONNX model: its norm ops, their placement, and what the ONNX passes
     could do (BatchNorms to fold, decomposed norms to fuse)."""
-    from normrewrite.analysis.onnx_norms import (
-        decomposed_kind,
-        decomposed_norms,
-        norm_nodes,
-        placement,
-    )
-    from normrewrite.core.onnx_graph import const_array, count_nodes, model_opset
+    from normrewrite.analysis.onnx_norms import onnx_norms, placement
+    from normrewrite.core.onnx_graph import const_array, count_nodes, infer_shapes, model_opset
     from normrewrite.load.onnx import load_onnx
     from normrewrite.passes import ONNX_REGISTRY
 
@@ -108,20 +123,30 @@ def _inspect_onnx(path: Path, limits: OnnxLimits | None = None) -> InspectResult
     for cls in ONNX_REGISTRY:
         for node_name, text in cls().explain(model).items():
             actions.setdefault(node_name, {})[cls.name] = text
+    infer_shapes(model)  # shapes and axes of the norms' inputs
     entries = []
-    for n in norm_nodes(model):
-        eps = n.attributes.get("epsilon")
-        x = n.inputs[0]
-        shape = [d if isinstance(d, int) else -1 for d in x.shape] if x is not None and x.shape is not None else None
-        affine = len(n.inputs) > 1 and n.inputs[1] is not None and (
-            (arr := const_array(n.inputs[1])) is None or not (arr == 1).all())
-        entries.append(NormEntry(n.name or n.outputs[0].name, n.op_type, shape,
-                                 None if eps is None else float(eps.value), bool(affine), n.name,
-                                 actions.get(n.name, {}), placement(n), form="op"))
-    for n in decomposed_norms(model):
-        kind = decomposed_kind(n)
-        entries.append(NormEntry(n.name, kind, None, None, False, n.name,
-                                 actions.get(n.name, {}), form="decomposed",
-                                 reason="ReduceMean…Sqrt of an unrecognised value" if kind == "unknown" else None))
+    for m in onnx_norms(model):
+        n = m.node
+        gamma = n.inputs[1] if m.form == "op" and len(n.inputs) > 1 else None
+        if n.op_type.startswith("Skip"):  # (input, skip, gamma, [beta])
+            gamma = n.inputs[2] if len(n.inputs) > 2 else None
+        affine = gamma is not None and ((arr := const_array(gamma)) is None or not (arr == 1).all())
+        entries.append(
+            NormEntry(
+                n.name or n.outputs[0].name,
+                m.kind,
+                m.shape,
+                m.eps,
+                bool(affine),
+                n.name,
+                actions.get(n.name, {}),
+                placement(n) if m.form == "op" else "other",
+                axes=m.axes,
+                form=m.form,
+                reason=m.reason,
+            )
+        )
     inputs = [f"{v.name}: {'x'.join(str(d) for d in (v.shape or ()))}" for v in model.graph.inputs]
-    return InspectResult(str(path), f"onnx (opset {model_opset(model)})", inputs, entries, count_nodes(model))
+    return InspectResult(
+        str(path), f"onnx (opset {model_opset(model)})", inputs, entries, count_nodes(model)
+    )

@@ -32,7 +32,8 @@ class NormEntry:
     affine: bool
     node: str
     actions: dict[str, str] = field(default_factory=dict)
-    placement: str = "other"  # pre / post / sandwich / final / other (normrewrite.analysis.residual)
+    # pre / post / sandwich / final / other (normrewrite.analysis.residual)
+    placement: str = "other"
     block: str | None = None  # the residual branch it belongs to (module path)
     # normrewrite.analysis.norms.Norm: normalized axes of the input, affine form, spelling
     axes: list[int] | None = None
@@ -41,6 +42,10 @@ class NormEntry:
     form: str = "module"  # module / function / aten / written (onnx: op / decomposed)
     casts: list[str] = field(default_factory=list)
     reason: str | None = None  # kind "unknown": why it could not be classified
+    # the normalized axes in the model's own layout: ``axes`` as dims of the value the norm's
+    # input is computed from by layout ops only (transpose/permute/reshape); see Norm.source_axes
+    source_axes: list[int] | None = None
+    source_shape: list[int] | None = None
 
 
 @dataclass

@@ -26,7 +26,16 @@ _OPS: dict[str, tuple[set[Any], set[Any], set[str]]] = {
     "rsqrt": ({aten.rsqrt.default}, {torch.rsqrt}, {"rsqrt"}),
     "sqrt": ({aten.sqrt.default}, {torch.sqrt}, {"sqrt"}),
     "mean": ({aten.mean.dim}, {torch.mean}, {"mean"}),
+    "sum": ({aten.sum.dim_IntList}, {torch.sum}, {"sum"}),
     "var": ({aten.var.correction, aten.var.dim}, {torch.var}, {"var"}),
+    "norm": ({aten.linalg_vector_norm.default}, {torch.linalg.vector_norm, torch.norm}, {"norm"}),
+    "reciprocal": ({aten.reciprocal.default}, {torch.reciprocal}, {"reciprocal"}),
+    "clamp": (
+        {aten.clamp.default, aten.clamp_min.default},
+        {torch.clamp, torch.clamp_min},
+        {"clamp", "clamp_min"},
+    ),
+    "expand": ({aten.expand.default, aten.expand_as.default}, set(), {"expand", "expand_as"}),
     "cast": (
         {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default},
         set(),
@@ -82,6 +91,17 @@ def reduced_dims(node: Node) -> tuple[list[int], bool] | None:
         return None
     dims = [dim] if isinstance(dim, int) else list(dim)
     return dims, keepdim
+
+
+def reduced_axes(node: Node, x: object) -> tuple[int, ...] | None:
+    """The non-negative dims of ``x`` a mean/var/vector-norm ``node`` reduces, or None."""
+    shape = node_shape(x)
+    dim = reduced_dims(node)[0] if op_name(node) in ("mean", "var") and reduced_dims(node) else None
+    if op_name(node) == "norm":
+        dim = kwarg(node, 2, "dim")
+    if shape is None or dim is None:
+        return None
+    return tuple(sorted(d % len(shape) for d in ([dim] if isinstance(dim, int) else dim)))
 
 
 def var_correction(node: Node) -> float | None:

@@ -31,9 +31,19 @@ class Norm:
 
     ``node`` is what the rest of the graph reads (the normalized, scaled, shifted value);
     ``input`` the value normalized; ``nodes`` every node the norm spans (for a fused op, the op
-    and its getitem). ``axes`` are the normalized axes of ``input`` in the model's own layout
-    (non-negative; None when unknown). ``info`` is the fused op's :class:`NormInfo`, None for a
-    written-out norm."""
+    and its getitem). ``info`` is the fused op's :class:`NormInfo`, None for a written-out norm.
+
+    Axes (non-negative; None when unknown):
+
+    - ``axes``: the dims of ``input`` the statistics are taken over (BatchNorm: all but dim 1;
+      LayerNorm/RMSNorm: the trailing normalized dims; weight norm: the dims of v ‖v‖ spans;
+      GRN: the dims ‖x‖₂ spans).
+    - ``source``: the value ``input`` is computed from by layout ops only (transpose, permute,
+      view/reshape/flatten/unflatten, contiguous), followed back as far as they keep the normalized
+      dims apart from the others; ``input`` itself when no layout op produced it.
+    - ``source_axes``: ``axes`` as dims of ``source`` — the model's own layout. A BatchNorm1d on
+      ``x.transpose(1, 2)`` of an ``(N, L, C)`` ``x`` has ``axes`` (0, 2) of the ``(N, C, L)``
+      input and ``source_axes`` (0, 1) of ``x``."""
 
     kind: Kind
     node: Node
@@ -47,6 +57,8 @@ class Norm:
     info: NormInfo | None = None
     reason: str | None = None  # kind "unknown": why it could not be classified
     casts: tuple[str, ...] = ()  # dtype casts inside the norm, e.g. ("float32", "bfloat16")
+    source: Node | None = None
+    source_axes: tuple[int, ...] | None = None
 
     @property
     def label(self) -> str:

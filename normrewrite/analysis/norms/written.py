@@ -32,7 +32,6 @@ from normrewrite.analysis.norms.ops import (
     scalar,
     var_correction,
 )
-from normrewrite.analysis.norms.record import Norm, Scale
 from normrewrite.core.graph import (
     get_tensor,
     node_dtype,
@@ -76,14 +75,14 @@ class NormPattern:
         return "; ".join(parts + list(self.notes))
 
 
-def _only_user(node: Node, expected: Node | None = None) -> Node | None:
+def only_user(node: Node, expected: Node | None = None) -> Node | None:
     us = users(node)
     if len(us) != 1 or (expected is not None and us[0] is not expected):
         return None
     return us[0]
 
 
-def _square_of(node: object) -> Node | None:
+def square_of(node: object) -> Node | None:
     """x if node is x², else None."""
     name = op_name(node)
     if name == "pow" and scalar(kwarg(node, 1, "exponent")) == 2.0:
@@ -111,13 +110,13 @@ def _eps_add(node: Node) -> float | None:
 def _normalize_step(den: Node, num_of: str) -> tuple[Node, Node, list[Node]] | str:
     """From ``den = stat + ε``: (numerator, normalized node, nodes) for ``num·rsqrt(den)`` or
     ``num / sqrt(den)``; else the reason."""
-    root = _only_user(den)
+    root = only_user(den)
     if root is None:
         return f"{num_of} + eps has {len(users(den))} users"
     name = op_name(root)
     if name not in ("rsqrt", "sqrt"):
         return f"{num_of} + eps feeds {root.target}, not rsqrt/sqrt"
-    step = _only_user(root)
+    step = only_user(root)
     if step is None:
         return f"the {name} has {len(users(root))} users"
     sname = op_name(step)
@@ -144,7 +143,7 @@ def match(gm: GraphModule, mean: Node) -> NormPattern | Skip | None:
         return None
     label = node_label(mean)
     reduced = reduced_dims(mean)
-    sq_of = _square_of(src) if name == "mean" else None
+    sq_of = square_of(src) if name == "mean" else None
     centred = _centred(mean) if name == "mean" else None
     if name == "var" or (
         sq_of is not None and op_name(sq_of) == "sub" and _centred_sub(sq_of) is not None
@@ -165,7 +164,7 @@ def match(gm: GraphModule, mean: Node) -> NormPattern | Skip | None:
     if kind is NormKind.RMSNORM:
         x_sq = sq_of
         assert x_sq is not None
-        if _only_user(src, mean) is None:
+        if only_user(src, mean) is None:
             return Skip(label, "x² has other users")
         nodes.insert(0, src)
         stat_of = "mean(x²)"
@@ -175,7 +174,7 @@ def match(gm: GraphModule, mean: Node) -> NormPattern | Skip | None:
     else:
         sub = sq_of
         assert sub is not None
-        if _only_user(src, mean) is None:
+        if only_user(src, mean) is None:
             return Skip(label, "(x − mean)² has other users")
         nodes.insert(0, src)
         x_sq = sub
@@ -186,7 +185,7 @@ def match(gm: GraphModule, mean: Node) -> NormPattern | Skip | None:
             label,
             f"reduces dims {reduced[0]}, not the last dim only (channel-first norms are not fused)",
         )
-    den = _only_user(mean)
+    den = only_user(mean)
     if den is None:
         return Skip(label, f"{stat_of} has {len(users(mean))} users")
     eps = _eps_add(den)
@@ -245,7 +244,7 @@ def match(gm: GraphModule, mean: Node) -> NormPattern | Skip | None:
     out, weight, bias = core, None, None
     casts: list[Node] = []
     cur = core
-    while (u := _only_user(cur)) is not None and op_name(u) == "cast" and cast_input(u) is cur:
+    while (u := only_user(cur)) is not None and op_name(u) == "cast" and cast_input(u) is cur:
         casts.append(u)
         cur = u
     w_node, w_mul = _affine_operand(gm, cur, "mul", features, node_dtype(cur))
@@ -293,7 +292,7 @@ def _affine_operand(
 ) -> tuple[Node | str | None, Node | None]:
     """If ``value``'s only user is ``value ∘ c`` (``op`` mul/add) with ``c`` a stored ``(features,)``
     tensor of ``dtype``: (c's get_attr, the op node). A string explains a near miss."""
-    u = _only_user(value)
+    u = only_user(value)
     if u is None or op_name(u) != op or not plain_binary(u):
         return None, None
     a, b = binary(u)
@@ -315,98 +314,3 @@ def _affine_operand(
         "γ" if op == "mul" else "β", t.shape, (features,), t.dtype, dtype
     )
     return (why, None) if why else (other, u)
-
-
-# --------------------------------------------------------------------------- as Norm records
-
-
-def _tail(gm: GraphModule, m: NormPattern) -> tuple[Node, list[Node], Scale, bool, list[str]]:
-    """From the matched part of a norm on: the casts, γ (stored or ``1 + γ``) and β the matcher
-    left outside the fusable part. Returns (last node, nodes, scale, shift, cast dtypes)."""
-    cur, nodes = m.out, []
-    scale: Scale = "gamma" if m.weight is not None else "none"
-    shift = m.bias is not None
-    casts = [str(node_dtype(n)).removeprefix("torch.") for n in m.nodes if op_name(n) == "cast"]
-    while (u := _only_user(cur)) is not None and op_name(u) == "cast" and cast_input(u) is cur:
-        nodes.append(u)
-        casts.append(str(node_dtype(u)).removeprefix("torch."))
-        cur = u
-    u = _only_user(cur)
-    if scale == "none" and u is not None and op_name(u) == "mul" and plain_binary(u):
-        a, b = binary(u)
-        other = b if a is cur else a
-        form = _weight_form(other)
-        if form is not None:
-            scale, cur = form, u
-            nodes.append(u)
-            if isinstance(other, Node) and other.op != "get_attr":
-                nodes.append(other)
-    u = _only_user(cur)
-    if m.kind is NormKind.LAYERNORM and not shift and u is not None and op_name(u) == "add":
-        a, b = binary(u)
-        other = b if a is cur else a
-        if isinstance(other, Node) and _weight_form(other) == "gamma":
-            shift, cur = True, u
-            nodes.append(u)
-    return cur, nodes, scale, shift, casts
-
-
-def _weight_form(v: object) -> Scale | None:
-    """``gamma`` for a stored tensor (through casts), ``1+gamma`` for ``1 + γ``."""
-    if not isinstance(v, Node):
-        return None
-    while op_name(v) == "cast" and cast_input(v) is not None:
-        v = cast_input(v)  # type: ignore[assignment]
-    if v.op == "get_attr":
-        return "gamma"
-    if op_name(v) == "add":
-        a, b = binary(v)
-        if any(scalar(s) == 1.0 for s in (a, b)) and any(
-            _weight_form(t) == "gamma" for t in (a, b)
-        ):
-            return "1+gamma"
-    return None
-
-
-def written_norms(gm: GraphModule) -> list[Norm]:
-    """Every written-out RMSNorm/LayerNorm of ``gm``; a ``mean``/``var`` that starts one but does
-    not complete it becomes kind ``unknown`` with the matcher's reason."""
-    out: list[Norm] = []
-    for n in list(gm.graph.nodes):
-        found = match(gm, n)
-        if found is None:
-            continue
-        if isinstance(found, Skip):
-            src = n.args[0] if n.args and isinstance(n.args[0], Node) else n
-            out.append(
-                Norm(
-                    "unknown",
-                    n,
-                    src,
-                    (n,),
-                    None,
-                    None,
-                    "none",
-                    False,
-                    "written",
-                    reason=found.reason,
-                )
-            )
-            continue
-        last, more, scale, shift, casts = _tail(gm, found)
-        shape = node_shape(found.x)
-        out.append(
-            Norm(
-                kind=str(found.kind),  # type: ignore[arg-type]
-                node=last,
-                input=found.x,
-                nodes=(*found.nodes, *more),
-                axes=(len(shape) - 1,) if shape else None,
-                eps=found.eps,
-                scale=scale,
-                shift=shift,
-                form="written",
-                casts=tuple(casts),
-            )
-        )
-    return out
