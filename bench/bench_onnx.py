@@ -18,7 +18,7 @@ once, interleaved rounds (the order of variants rotates each round) so that load
 processes hits every variant alike; medians and spreads (p10–p90) over all timed runs. The
 ratio of each normrewrite variant to the best (fastest) anchor of its model is the figure of merit.
 
-    python bench/bench_onnx.py            # writes bench/results/ort_latency.json, prints the table
+    python bench/bench_onnx.py            # writes bench/results/ort_latency.json and onnx.md
     python bench/bench_onnx.py --quick    # tiny models and few rounds, for development
     python bench/bench_onnx.py --profile llama   # per-op times (standard vs ort) from ORT's profiler
 """
@@ -283,6 +283,7 @@ def main() -> None:
     ap.add_argument("--models", default="bert-base,gpt2,llama,vit-base,resnet50")
     ap.add_argument("--profile", metavar="MODEL", help="per-op times of standard vs ort instead")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ort_latency.json"))
+    ap.add_argument("--md", default=str(ROOT / "bench" / "results" / "onnx.md"))
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)
@@ -316,6 +317,7 @@ def main() -> None:
             results["models"][name] = res | {"facts": facts}
             print(f"{name}: {time.perf_counter() - start:.0f}s", file=sys.stderr)
             Path(args.out).write_text(json.dumps(results, indent=2, default=str))  # per model
+    Path(args.md).write_text(markdown(results))
     print(markdown(results))
 
 
