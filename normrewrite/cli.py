@@ -181,8 +181,10 @@ _native_opt = click.option(
 @click.option("--opset", type=int, default=None,
               help="ONNX opset (default: the newest onnx, onnxruntime and the exporter all support)")
 @click.option("--onnx-target", type=click.Choice(["standard", "ort"]), default="standard", show_default=True,
-              help="ONNX ops: standard only, or onnxruntime's fused norm ops (SimplifiedLayerNormalization, "
-                   "Skip*Normalization) below opset 23")
+              help="ONNX ops: standard only (any runtime; at the default opset 23 onnxruntime CPU runs it "
+                   "as fast as ort), or onnxruntime's contrib norm ops (SimplifiedLayerNormalization, "
+                   "LayerNormalization below 17) for onnxruntime at opset < 23; no Skip*Normalization "
+                   "(slower on onnxruntime CPU)")
 @click.option("--dynamic", is_flag=True,
               help="ONNX with symbolic batch/sequence/image dims (checked at another size)")
 @click.option("--dtype", "onnx_dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",

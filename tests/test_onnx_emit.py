@@ -85,15 +85,16 @@ def test_opset_17_is_refused_not_silently_18(tmp_path: Path) -> None:
 
 def test_llama_rmsnorm_per_target(tmp_path: Path) -> None:
     """Pre-Norm Llama: opset 23 → RMSNormalization; ort below 23 → SimplifiedLayerNormalization with
-    the residual adds fused (SkipSimplifiedLayerNormalization); standard below 23 stays decomposed
-    (no op exists) and says so."""
+    the residual adds left as Add (SkipSimplifiedLayerNormalization is 6-7x slower on onnxruntime
+    CPU); standard below 23 stays decomposed (no op exists) and says so."""
     model, ids = llama(layers=2), (token_ids(),)
     out23, p23 = convert(model, ids, tmp_path / "a.onnx")
     assert op_counts(p23)["RMSNormalization"] == 5 and op_counts(p23)["ReduceMean"] == 0
     out_ort, p_ort = convert(model, ids, tmp_path / "b.onnx", opset=18, target="ort")
     c = op_counts(p_ort)
-    assert c["SkipSimplifiedLayerNormalization"] == 4 and c["SimplifiedLayerNormalization"] == 1
-    assert c["ReduceMean"] == 0 and len(p_ort.graph.node) < len(p23.graph.node) + 20
+    assert c["SkipSimplifiedLayerNormalization"] == 0 and c["SimplifiedLayerNormalization"] == 5
+    # opset 18 spells rotary/attention out (+~16 nodes) and the 4 residual Adds stay separate
+    assert c["ReduceMean"] == 0 and len(p_ort.graph.node) < len(p23.graph.node) + 24
     assert any("validated by an onnxruntime session" in n for n in out_ort.notes)
     out_std, p_std = convert(model, ids, tmp_path / "c.onnx", opset=18)
     assert op_counts(p_std)["ReduceMean"] == 5

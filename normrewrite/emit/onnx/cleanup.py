@@ -9,8 +9,12 @@ exported or rewritten graph smaller and runnable as fused kernels.
   no node reading one of them is ever folded into an in-memory constant;
 * :func:`rotary_caches_per_batch` — the exporter's fused ``RotaryEmbedding`` made to run at any
   batch size;
-* :func:`groupnorm_as_instancenorm` — ``GroupNormalization`` in the form onnxruntime runs fused;
-* :func:`ort_skip_fusions` — onnxruntime's residual-add + norm ops (``--onnx-target ort``).
+* :func:`groupnorm_as_instancenorm` — ``GroupNormalization`` in the form onnxruntime runs fused.
+
+onnxruntime's residual-add + norm ops (``SkipLayerNormalization``,
+``SkipSimplifiedLayerNormalization``) are deliberately not emitted for ``--onnx-target ort``: on
+the CPU provider (onnxruntime 1.32, one thread, 128×768 fp32) each runs 6–7× slower than the
+``Add`` + norm it replaces (``bench/bench_onnx.py --profile``; README, ONNX run time).
 
 Every rewrite evaluates the same ops on constants or restates the same function: exact (the
 pipeline compares the result in onnxruntime).
@@ -281,16 +285,3 @@ def groupnorm_as_instancenorm(model: ir.Model) -> int:
             return op.Add(op.Mul(normed, op.Reshape(scale, per_c)), op.Reshape(bias, per_c))
 
     return pattern.RewriteRuleSet([Rule.rule("GroupNormAsInstanceNorm")]).apply_to_model(model)
-
-
-def ort_skip_fusions(model: ir.Model) -> dict[str, int]:
-    """onnxruntime's fused residual-add + norm (``SkipLayerNormalization`` /
-    ``SkipSimplifiedLayerNormalization``), via onnxscript's ORT fusion rules. onnxruntime applies
-    these itself to Post-Norm graphs but not to Pre-Norm ones, where the sum also feeds the next
-    residual (it is the rule's second output)."""
-    from onnxscript.rewriter.ort_fusions import skip_normalization as skip
-
-    return {
-        "SkipSimplifiedLayerNormalization": skip.fuse_skip_rms_normalization(model),
-        "SkipLayerNormalization": skip.fuse_skip_layer_normalization(model),
-    }

@@ -10,8 +10,8 @@ cleanup     :func:`~.cleanup.optimize` (static shapes       the same
             folded unless ``--dynamic``; none with
             ``--meta``, whose export stage optimized
             around the weights on disk)
-runtime     GroupNorm as InstanceNorm; onnxruntime skip     — (an input keeps its ops)
-            fusions (``--onnx-target ort``)
+runtime     GroupNorm as InstanceNorm (no Skip*Norm       — (an input keeps its ops)
+            fusions: slower on onnxruntime CPU)
 check       the opset is the one asked for; fp16            the same
             reductions flagged
 write       atomic write + validation (:mod:`.write`)       the same
@@ -39,7 +39,7 @@ import onnx_ir as ir
 from normrewrite.analysis.onnx_norms import decomposed_norm_dtypes
 from normrewrite.core.onnx_graph import count_nodes, model_opset, symbolic_dims
 from normrewrite.core.onnx_pass import OnnxContext, OnnxPass, OnnxPassRun, run_onnx_passes
-from normrewrite.emit.onnx.cleanup import groupnorm_as_instancenorm, optimize, ort_skip_fusions
+from normrewrite.emit.onnx.cleanup import groupnorm_as_instancenorm, optimize
 from normrewrite.emit.onnx.export import export_onnx
 from normrewrite.emit.onnx.options import OnnxOptions
 from normrewrite.emit.onnx.write import atomic_pair, validate_file, write_model
@@ -106,12 +106,6 @@ def transform(
                 f"{gn} GroupNormalization → InstanceNormalization form (runs fused in "
                 "onnxruntime; the opset-21 op is expanded into ~30 nodes)"
             )
-        if options.target == "ort":
-            fused = {k: v for k, v in ort_skip_fusions(model).items() if v}
-            if fused:
-                done.notes.append(
-                    "onnxruntime fusions: " + ", ".join(f"{v} {k}" for k, v in fused.items())
-                )
     if model_opset(model) != opset:
         raise EmitError(
             f"asked for opset {opset}, the written model has opset {model_opset(model)}"
