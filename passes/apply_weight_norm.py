@@ -37,7 +37,6 @@ from torch.fx import GraphModule, Node
 
 from normrewrite.core.graph import (
     Flavour,
-    TensorUsage,
     erase_unused,
     flavour,
     get_tensor,
@@ -58,6 +57,7 @@ from normrewrite.core.ops import (
 )
 from normrewrite.core.pass_infra import Change, PassContext, PassResult, Skip, compute_tensors
 from normrewrite.core.rewrite import Rewrite, RewritePass, Sweep, rewrite_each
+from normrewrite.core.usage import TensorUsage
 
 from .fold_bn import bn_affine
 

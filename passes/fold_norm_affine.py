@@ -31,7 +31,6 @@ from torch.fx import GraphModule, Node
 
 from normrewrite.analysis.norms.ops import binary, is_noop_cast, op_name
 from normrewrite.core.graph import (
-    TensorUsage,
     erase_unused,
     get_tensor,
     node_dtype,
@@ -49,6 +48,7 @@ from normrewrite.core.ops import (
 )
 from normrewrite.core.pass_infra import Change, PassContext, Skip, compute_tensors
 from normrewrite.core.rewrite import Rewrite, RewritePass
+from normrewrite.core.usage import TensorUsage
 
 aten = torch.ops.aten
 

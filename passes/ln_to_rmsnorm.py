@@ -47,7 +47,6 @@ from normrewrite.analysis.norms import Norm, find_norms
 from normrewrite.analysis.residual_stream import ResidualStream, StreamWriter, residual_streams
 from normrewrite.core.graph import (
     Flavour,
-    TensorUsage,
     add_parameter,
     erase_unused,
     flavour,
@@ -57,6 +56,7 @@ from normrewrite.core.graph import (
 from normrewrite.core.ops import NormInfo, norm_info
 from normrewrite.core.ops.args import call_args
 from normrewrite.core.pass_infra import Change, Pass, PassContext, PassResult, Skip, compute_tensors
+from normrewrite.core.usage import TensorUsage
 
 from .fold_norm_affine import AffineFold, fold_into_layers
 from .fold_norm_affine import match as match_affine

@@ -52,9 +52,9 @@ from __future__ import annotations
 
 from torch.fx import GraphModule, Node
 
-from normrewrite.core.graph import TensorUsage
 from normrewrite.core.pass_infra import Change, PassContext, Skip
 from normrewrite.core.rewrite import Rewrite, RewritePass
+from normrewrite.core.usage import TensorUsage
 
 from . import fx
 from .fx import FoldMatch

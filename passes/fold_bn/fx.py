@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
-from normrewrite.core.graph import TensorUsage, add_parameter, erase_unused, get_tensor, node_shape
+from normrewrite.core.graph import add_parameter, erase_unused, get_tensor, node_shape
 from normrewrite.core.ops import (
     ConvInfo,
     LinearInfo,
@@ -27,6 +27,7 @@ from normrewrite.core.ops import (
     set_bias,
 )
 from normrewrite.core.pass_infra import PassContext, Skip, TensorRecipe, compute_tensors
+from normrewrite.core.usage import TensorUsage
 
 from . import conditions
 from .fx_layout import LayoutOp, carry, chain_after, chain_before, shape_only_use

@@ -57,9 +57,9 @@ from typing import Any
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
-from normrewrite.core.graph import TensorUsage
 from normrewrite.core.pass_infra import Change, PassContext, PassResult, Skip
 from normrewrite.core.rewrite import Rewrite, RewritePass, Sweep, rewrite_each
+from normrewrite.core.usage import TensorUsage
 
 from .math import default_groups
 from .plan import SwapNormOptions, SwapPlan, is_exact, plan, validate

@@ -10,9 +10,10 @@ from typing import Literal
 
 from torch.fx import GraphModule, Node
 
-from normrewrite.core.graph import TensorUsage, node_shape
+from normrewrite.core.graph import node_shape
 from normrewrite.core.ops import NormInfo, norm_info
 from normrewrite.core.pass_infra import Skip
+from normrewrite.core.usage import TensorUsage
 from normrewrite.errors import PassError, UsageError
 
 from .math import default_groups

@@ -108,9 +108,9 @@ def test_folds_into_several_linears(tracer: str) -> None:
 @pytest.mark.parametrize("tracer", ["fx", "export"])
 def test_usage_is_kept_current_without_rescans(tracer: str) -> None:
     """The rewrite refreshes only the tensors a fold touched; the result equals a full rescan."""
-    from normrewrite.core.graph import TensorUsage
     from normrewrite.core.pass_infra import PassContext
     from normrewrite.core.rewrite import rewrite_each
+    from normrewrite.core.usage import TensorUsage
 
     gm = trace(models.randomize_norms(QKV()).eval(), (_x(),), tracer).graph_module
     rewrite = FoldNormAffine().rewriter(gm, PassContext())
