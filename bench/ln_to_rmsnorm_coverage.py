@@ -143,6 +143,23 @@ def _opt(**kw: Any) -> Callable:
     return _text("OPTConfig", ffn_dim=64, word_embed_proj_dim=32, do_layer_norm_before=True, **kw)
 
 
+# wav2vec2-family encoders in their stable-layer-norm (Pre-LN) form, tiny
+_STABLE_LN_AUDIO = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    do_stable_layer_norm=True,
+    feat_extract_norm="layer",
+    conv_dim=(16, 16),
+    conv_stride=(5, 4),
+    conv_kernel=(10, 4),
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=2,
+)
+
+
+
 ARCHS: dict[str, Callable[[], tuple]] = {
     "gpt2": _text("GPT2Config", n_embd=32, n_layer=2, n_head=2, n_positions=64),
     "gpt_neo": _text(
@@ -207,36 +224,8 @@ ARCHS: dict[str, Callable[[], tuple]] = {
     "clip_vision": _clip("vision"),
     "siglip_vision": _vision("SiglipVisionConfig", "SiglipVisionModel"),
     "whisper_enc": _whisper,
-    "wav2vec2_stable": _audio(
-        "Wav2Vec2Config",
-        "Wav2Vec2Model",
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        do_stable_layer_norm=True,
-        feat_extract_norm="layer",
-        conv_dim=(16, 16),
-        conv_stride=(5, 4),
-        conv_kernel=(10, 4),
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
-    ),
-    "hubert_stable": _audio(
-        "HubertConfig",
-        "HubertModel",
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        do_stable_layer_norm=True,
-        feat_extract_norm="layer",
-        conv_dim=(16, 16),
-        conv_stride=(5, 4),
-        conv_kernel=(10, 4),
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
-    ),
+    "wav2vec2_stable": _audio("Wav2Vec2Config", "Wav2Vec2Model", **_STABLE_LN_AUDIO),
+    "hubert_stable": _audio("HubertConfig", "HubertModel", **_STABLE_LN_AUDIO),
     "cait_like_dinov2_ls": _vision("Dinov2Config", mlp_ratio=2, layerscale_value=0.5),
     "convnext_v1": _vision(
         "ConvNextConfig",

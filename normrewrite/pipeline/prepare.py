@@ -98,22 +98,11 @@ def load_and_trace(
 
 
 def prepare(
-    model: ModelLike,
-    example_inputs: Any = None,
-    *,
-    input_specs: Sequence[InputSpec] | None = None,
-    tracer: Tracer = "auto",
-    keep_training: bool = False,
-    trust_remote_code: bool = False,
-    seed: int = 0,
-    trust_pickle: bool = False,
-    dynamic: bool = False,
-    trust_native_code: bool = False,
+    model: ModelLike, example_inputs: Any = None, **settings: Any
 ) -> tuple[LoadedModel, GraphModule, str, list[str]]:
-    """Load and trace: (loaded model, traced graph, tracer used, notes)."""
-    p = load_and_trace(model, example_inputs, input_specs=input_specs, tracer=tracer,
-                       keep_training=keep_training, trust_remote_code=trust_remote_code, seed=seed,
-                       trust_pickle=trust_pickle, dynamic=dynamic, trust_native_code=trust_native_code)
+    """Load and trace: (loaded model, traced graph, tracer used, notes). ``settings`` are
+    :func:`load_and_trace`'s keywords (one list of them, kept there)."""
+    p = load_and_trace(model, example_inputs, **settings)
     return p.loaded, p.graph_module, p.tracer, p.notes
 
 
