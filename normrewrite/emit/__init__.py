@@ -169,7 +169,9 @@ def export_program(
     return ep
 
 
-def reuse_program(ep: ExportedProgram, *, keep_output_classes: bool = False) -> ExportedProgram | None:
+def reuse_program(
+    ep: ExportedProgram, *, keep_output_classes: bool = False
+) -> ExportedProgram | None:
     """:func:`export_program`'s result without exporting again, from the program the graph was
     traced with (``ep``, its graph unchanged since): the same graph and weights under the same
     output contract — the flat tuple of the output tensors (a lone tensor stays one), or the
@@ -185,9 +187,15 @@ def reuse_program(ep: ExportedProgram, *, keep_output_classes: bool = False) -> 
     if flatten:
         calls[0].signature.out_spec = pytree.tree_structure(tuple(range(len(found))))
     program = ExportedProgram(
-        root=ep.graph_module, graph=ep.graph, graph_signature=ep.graph_signature,
-        state_dict=ep.state_dict, range_constraints=ep.range_constraints, module_call_graph=calls,
-        example_inputs=ep.example_inputs, constants=ep.constants, verifiers=ep.verifiers,
+        root=ep.graph_module,
+        graph=ep.graph,
+        graph_signature=ep.graph_signature,
+        state_dict=ep.state_dict,
+        range_constraints=ep.range_constraints,
+        module_call_graph=calls,
+        example_inputs=ep.example_inputs,
+        constants=ep.constants,
+        verifiers=ep.verifiers,
     )
     program.graph_module.meta[_OUTPUTS_META] = Outputs(found, not keep_output_classes)
     return program

@@ -12,7 +12,6 @@
 Writing them is :mod:`normrewrite.emit.files`.
 """
 
-
 from __future__ import annotations
 
 import contextlib
@@ -156,5 +155,3 @@ def check_output(dest: Path, *, force: bool, inputs: tuple[Path, ...] = ()) -> N
             pass
     except OSError as e:
         raise EmitError(f"output directory {parent} is not writable ({e.strerror})") from None
-
-

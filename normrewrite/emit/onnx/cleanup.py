@@ -123,29 +123,44 @@ def _fold_feeding_constants(node: ir.Node) -> bool | None:
     return True
 
 
-def optimize(model: ir.Model, *, allow_static: bool = True) -> str:
+def optimize(model: ir.Model, *, allow_static: bool = True, fuse: bool = False) -> str:
     """onnxscript's optimizer plus :func:`remove_neutral_ops`, in place. When every graph input is
     static and ``allow_static`` (no ``--dynamic``), the folding limits are raised and
     :func:`fold_gather_elements` runs; a model with symbolic dims keeps its shape computations.
-    Returns which mode ran."""
+    ``fuse``: also onnxscript's ONNX-op fusions after the first round (``RMSNormalization``,
+    ``RotaryEmbedding``, ...) — with it this is a superset of what ``torch.onnx.export(...,
+    optimize=True)`` runs, so the export stage need not optimize first. Returns which mode ran."""
     import onnxscript.optimizer
 
     static = allow_static and static_inputs(model)
-    if static:
-        for _ in range(2):
-            onnxscript.optimizer.optimize_ir(
-                model,
-                input_size_limit=STATIC_FOLD_INPUT_LIMIT,
-                output_size_limit=STATIC_FOLD_OUTPUT_LIMIT,
-                should_fold=_fold_feeding_constants,
-            )
-            if not (fold_gather_elements(model) + remove_neutral_ops(model)):
-                break
-    else:
-        onnxscript.optimizer.optimize(model)
-        if remove_neutral_ops(model):
-            onnxscript.optimizer.optimize(model)
+    limits = (
+        dict(
+            input_size_limit=STATIC_FOLD_INPUT_LIMIT,
+            output_size_limit=STATIC_FOLD_OUTPUT_LIMIT,
+            should_fold=_fold_feeding_constants,
+        )
+        if static
+        else {}
+    )
+    for round_ in range(2):
+        onnxscript.optimizer.optimize_ir(model, **limits)  # type: ignore[arg-type]
+        if fuse and round_ == 0:
+            _onnx_fusions(model)
+        changed = remove_neutral_ops(model) + (fold_gather_elements(model) if static else 0)
+        if not changed:
+            break
     return "static shapes" if static else "symbolic shapes kept"
+
+
+def _onnx_fusions(model: ir.Model) -> None:
+    """onnxscript's fusions into ONNX ops (what the exporter's ``optimize=True`` runs after its
+    optimizer); older onnxscript releases without them leave the graph as it is."""
+    try:
+        from onnxscript.rewriter import onnx_fusions
+    except ImportError:  # older onnxscript: no fusions
+        return
+    onnx_fusions.fuse(model)
+    rotary_caches_per_batch(model)  # a fused RotaryEmbedding made valid at every batch
 
 
 def optimize_keeping(model: ir.Model, weights: Collection[str]) -> None:

@@ -46,7 +46,8 @@ def export_onnx(ep: Any, opset: int, *, optimize: bool = True) -> ir.Model:
         raise EmitError(export_error(e)) from e
     model = program.model
     _static_digits(model)
-    rotary_caches_per_batch(model)  # the exporter's fused rotary op, valid at every batch
+    if optimize:
+        rotary_caches_per_batch(model)  # the exporter's fused rotary op, valid at every batch
     if model_opset(model) != opset:
         raise EmitError(f"asked the exporter for opset {opset}, it wrote {model_opset(model)}")
     return model

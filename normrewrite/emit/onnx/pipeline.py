@@ -3,13 +3,15 @@
 ==========  ==============================================  ==========================================
 stage       torch program in (in memory, ``--meta``)        ONNX in
 ==========  ==============================================  ==========================================
-source      :func:`~.export.export_onnx`                    :func:`~normrewrite.load.onnx.load_onnx`
-                                                            (+ :func:`~.export.convert_opset`)
+source      :func:`~.export.export_onnx` unoptimized,       :func:`~normrewrite.load.onnx.load_onnx`
+            then :func:`~.cleanup.optimize` once (the        (+ :func:`~.export.convert_opset`)
+            exporter's optimizer + ONNX-op fusions, static
+            shapes folded unless ``--dynamic``)
 passes      the norm fusions (:data:`NORM_FUSIONS`)         the passes asked for (``-p``)
-cleanup     :func:`~.cleanup.optimize` (static shapes       the same
-            folded unless ``--dynamic``; none with
-            ``--meta``, whose export stage optimized
-            around the weights on disk)
+cleanup     :func:`~.cleanup.optimize` again only when a    :func:`~.cleanup.optimize`
+            pass changed the graph; none with ``--meta``,
+            whose export stage optimized around the
+            weights on disk
 runtime     GroupNorm as InstanceNorm (no Skip*Norm       — (an input keeps its ops)
             fusions: slower on onnxruntime CPU)
 check       the opset is the one asked for; fp16            the same
@@ -86,13 +88,16 @@ def transform(
     cleanup: Cleanup,
     runtime_forms: bool = True,
     before_pass: Callable[[OnnxPass], None] | None = None,
+    optimized: bool = False,
 ) -> Transformed:
-    """The stages between source and write, in place: passes → cleanup → runtime forms → check."""
+    """The stages between source and write, in place: passes → cleanup → runtime forms → check.
+    ``optimized``: the source stage already ran the cleanup's optimizer; it runs again only on
+    what a pass changed."""
     opset = model_opset(model)
     done = Transformed(
         run_onnx_passes(model, passes, OnnxContext(options.target), before_pass=before_pass)
     )
-    if cleanup is not Cleanup.NONE:
+    if cleanup is not Cleanup.NONE and (not optimized or any(r.result.modified for r in done.runs)):
         before = count_nodes(model)
         mode = optimize(model, allow_static=cleanup is Cleanup.STATIC)
         if count_nodes(model) < before:
@@ -168,14 +173,19 @@ def emit_program(
     not choose them."""
     if module is not None:
         check_exportable(module)
-    model = export_onnx(ep, options.resolved_opset)
+    # one optimization of the exported graph, not the exporter's and then the cleanup's: ours is
+    # the exporter's (onnxscript optimizer + ONNX-op fusions) with the static-shape folding limits
+    model = export_onnx(ep, options.resolved_opset, optimize=False)
+    exported = count_nodes(model)
+    mode = optimize(model, allow_static=not options.dynamic, fuse=True)
     cleanup = Cleanup.SYMBOLIC if options.dynamic else Cleanup.STATIC
-    done = transform(model, fusions, options, cleanup=cleanup)
+    done = transform(model, fusions, options, cleanup=cleanup, optimized=True)
     notes = done.fusion_notes() + done.notes
+    notes.append(f"onnxscript optimizer ({mode}): {exported} → {count_nodes(model)} nodes")
     same = other = None
     with atomic_pair(dest) as tmp:
         notes += write_model(model, tmp, threshold=options.external_data_threshold)
-        notes += validate_file(tmp)
+        notes += validate_file(tmp, model)
         measurable = True
         if options.dtype == "bfloat16":
             try:

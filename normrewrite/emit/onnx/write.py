@@ -88,22 +88,26 @@ def write_model(
     return []
 
 
-def validate_file(path: Path) -> list[str]:
-    """Validate a written model (see the module docstring); returns notes for the report."""
+def validate_file(path: Path, model: ir.Model | None = None) -> list[str]:
+    """Validate a written model (see the module docstring); returns notes for the report.
+
+    ``model``: the in-memory model just written to ``path`` (in a directory of its own, as
+    :func:`atomic_pair` gives): its op set is read from it, and the file is parsed here only when
+    something was written beside it — external data, whose locations are checked. Without it the
+    file is parsed once for every check."""
     import onnx
 
     from normrewrite.load.safety import check_external_data
 
-    proto = onnx.load(str(path), load_external_data=False)  # parsed once, for every check below
-    check_external_data(path, proto)
-    ort_ops = sorted(
-        {
-            n.op_type
-            for n in proto.graph.node
-            if n.op_type in ORT_ONLY_OPS or n.domain == "com.microsoft"
-        }
-    )
-    del proto  # the checks below read the file themselves: do not hold a second copy
+    beside = any(f != path for f in path.parent.iterdir())
+    if model is None or beside:
+        proto = onnx.load(str(path), load_external_data=False)  # without the weights' bytes
+        check_external_data(path, proto)
+        ops = {(n.domain, n.op_type) for n in proto.graph.node}
+        del proto  # the checks below read the file themselves: do not hold a second copy
+    if model is not None:
+        ops = {(n.domain, n.op_type) for n in model.graph}
+    ort_ops = sorted({op for dom, op in ops if op in ORT_ONLY_OPS or dom == "com.microsoft"})
     if ort_ops:
         try:
             session(path)
@@ -123,5 +127,5 @@ def save_validated(model: ir.Model, dest: Path, *, threshold: int) -> list[str]:
     """Write ``model`` to ``dest`` atomically, validated before the rename."""
     with atomic_pair(dest) as tmp:
         notes = write_model(model, tmp, threshold=threshold)
-        notes += validate_file(tmp)
+        notes += validate_file(tmp, model)
     return notes
