@@ -9,11 +9,12 @@ failure: a rewrite that changed the outputs). Writes bench/results/ln_to_rmsnorm
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,10 @@ def _whisper() -> tuple[nn.Module, tuple]:
         num_mel_bins=16,
         max_source_positions=16,
         max_target_positions=16,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
     )
     x = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(0))
     return t.WhisperModel(cfg).get_encoder(), (x,)
@@ -159,7 +164,6 @@ _STABLE_LN_AUDIO = dict(
 )
 
 
-
 ARCHS: dict[str, Callable[[], tuple]] = {
     "gpt2": _text("GPT2Config", n_embd=32, n_layer=2, n_head=2, n_positions=64),
     "gpt_neo": _text(
@@ -180,7 +184,7 @@ ARCHS: dict[str, Callable[[], tuple]] = {
     "xglm": _text("XGLMConfig", d_model=32, num_layers=2, attention_heads=2, ffn_dim=64),
     "biogpt": _text("BioGptConfig"),
     "persimmon": _text("PersimmonConfig"),
-    "stablelm": _text("StableLmConfig"),
+    "stablelm": _text("StableLmConfig", num_key_value_heads=2),
     "nemotron": _text("NemotronConfig", head_dim=16, num_key_value_heads=2),
     "mpt": _text("MptConfig", d_model=32, n_heads=2, n_layers=2, expansion_ratio=2),
     "gpt_bigcode": _text("GPTBigCodeConfig", n_embd=32, n_layer=2, n_head=2, n_positions=64),
@@ -210,13 +214,18 @@ ARCHS: dict[str, Callable[[], tuple]] = {
     "vit_msn": _vision("ViTMSNConfig"),
     "vit_mae": _vit_mae,
     "swin": _vision(
-        "SwinConfig", embed_dim=16, depths=[1, 1], num_heads=[2, 2], patch_size=4, window_size=4
+        "SwinConfig",
+        embed_dim=16,
+        depths=[1, 1],
+        num_attention_heads=[2, 2],
+        patch_size=4,
+        window_size=4,
     ),
     "donut_swin": _vision(
         "DonutSwinConfig",
         embed_dim=16,
         depths=[1, 1],
-        num_heads=[2, 2],
+        num_attention_heads=[2, 2],
         patch_size=4,
         window_size=4,
     ),
@@ -251,6 +260,16 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
 def run(name: str, build: Callable[[], tuple]) -> dict[str, Any]:
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -260,7 +279,9 @@ def run(name: str, build: Callable[[], tuple]) -> dict[str, Any]:
         return {"status": "not built", "error": f"{type(e).__name__}: {str(e)[:160]}"}
     model = randomize(model).eval()
     try:
-        with torch.no_grad():
+        # fp64 default dtype too: constants built from finfo(fp64) (XGLM's mask floor) must not
+        # be materialised as fp32
+        with torch.no_grad(), _default_dtype(torch.float64):
             ref = tensor_leaves(
                 copy.deepcopy(model).double()(
                     *(x.double() if x.is_floating_point() else x for x in inputs)
