@@ -14,123 +14,101 @@ from typing import Any
 import torch
 from torch import nn
 
-TEXT: dict[str, Any] = dict(
+_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+TEXT: dict[str, Any] = dict(**_TINY, vocab_size=96, max_position_embeddings=64, use_cache=False)
+_VIT = dict(**_TINY, image_size=32, patch_size=8)
+_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+# a BART-family encoder-decoder
+_SEQ2SEQ = dict(
     vocab_size=96,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
+    d_model=32,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=2,
+    decoder_attention_heads=2,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
     max_position_embeddings=64,
+    **_TOKENS,
     use_cache=False,
 )
 
 
-_VIT = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    image_size=32,
-    patch_size=8,
-)
+def _ids(*shape: int) -> torch.Tensor:
+    return torch.randint(3, 96, shape, generator=torch.Generator().manual_seed(0))
 
 
-def _text(cfg_name: str, model_name: str | None = None, **kw: Any) -> Callable[[], tuple]:
-    def build() -> tuple[nn.Module, tuple]:
-        import transformers as t
-
-        cfg = getattr(t, cfg_name)(**{**TEXT, **kw})
-        cls = getattr(t, model_name or cfg_name.replace("Config", "Model"))
-        return cls(cfg), (
-            torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(0)),
-        )
-
-    return build
+def _randn(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
 
 
-def _vision(
-    cfg_name: str, model_name: str | None = None, size: int | list[int] = 32, **kw: Any
+class _Keywords(nn.Module):
+    """Calls ``model`` with its inputs by name (the bench passes them positionally)."""
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        return self.model(**dict(zip(self.names, args, strict=True)))
+
+
+def _hf(
+    cfg_name: str, model_name: str, inputs: Callable[[], dict], part: str = "", **kw: Any
 ) -> Callable:
+    """Any model: ``inputs()`` gives its keyword inputs; ``part`` a getter of the submodel."""
+
     def build() -> tuple[nn.Module, tuple]:
         import transformers as t
 
-        cfg = getattr(t, cfg_name)(**{**_VIT, "image_size": size, **kw})
-        cls = getattr(t, model_name or cfg_name.replace("Config", "Model"))
-        h, w = size if isinstance(size, list) else (size, size)
-        x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
-        return cls(cfg), (x,)
+        # "kosmos2.modeling_kosmos2.Kosmos2TextModel": a class only its model module exports
+        path, _, cls_name = model_name.rpartition(".")
+        where = importlib.import_module(f"transformers.models.{path}") if path else t
+        model = getattr(where, cls_name)(getattr(t, cfg_name)(**kw))
+        model = getattr(model, part)() if part else model
+        named = inputs()
+        return _Keywords(model, tuple(named)), tuple(named.values())
 
     return build
 
 
-def _audio(cfg_name: str, model_name: str, **kw: Any) -> Callable:
-    def build() -> tuple[nn.Module, tuple]:
-        import transformers as t
-
-        cfg = getattr(t, cfg_name)(**kw)
-        x = torch.randn(1, 1600, generator=torch.Generator().manual_seed(0))
-        return getattr(t, model_name)(cfg), (x,)
-
-    return build
+_IDS = lambda: dict(input_ids=_ids(1, 12))  # noqa: E731
+_PIXELS = lambda: dict(pixel_values=_randn(1, 3, 32, 32))  # noqa: E731
+_VIDEO = lambda: dict(pixel_values=_randn(1, 4, 3, 32, 32))  # noqa: E731
+_WAVE = lambda: dict(input_values=_randn(1, 1600))  # noqa: E731
 
 
-def _whisper() -> tuple[nn.Module, tuple]:
-    import transformers as t
-
-    cfg = t.WhisperConfig(
-        vocab_size=96,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        num_mel_bins=16,
-        max_source_positions=16,
-        max_target_positions=16,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=1,
-    )
-    x = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(0))
-    return t.WhisperModel(cfg).get_encoder(), (x,)
+def _text(cfg_name: str, model_name: str = "", **kw: Any) -> Callable:
+    return _hf(cfg_name, model_name or cfg_name.replace("Config", "Model"), _IDS, **TEXT | kw)
 
 
-def _clip(part: str) -> Callable:
-    def build() -> tuple[nn.Module, tuple]:
-        import transformers as t
-
-        if part == "text":
-            cfg = t.CLIPTextConfig(
-                vocab_size=96,
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=64,
-                max_position_embeddings=16,
-            )
-            ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(0))
-            return t.CLIPTextModel(cfg), (ids,)
-        cfg = t.CLIPVisionConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            image_size=32,
-            patch_size=8,
-        )
-        x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-        return t.CLIPVisionModel(cfg), (x,)
-
-    return build
+def _vision(cfg_name: str, model_name: str = "", size: int | list[int] = 32, **kw: Any) -> Callable:
+    h, w = size if isinstance(size, list) else (size, size)
+    model_name = model_name or cfg_name.replace("Config", "Model")
+    pixels = lambda: dict(pixel_values=_randn(1, 3, h, w))  # noqa: E731
+    return _hf(cfg_name, model_name, pixels, **_VIT | {"image_size": size} | kw)
 
 
-def _vit_mae() -> tuple[nn.Module, tuple]:
-    """ViT-MAE with its masking noise passed in, so the reference and the rewrite agree."""
-    model, (x,) = _vision("ViTMAEConfig", mask_ratio=0.0)()
-    return model, (x, torch.rand(1, 16, generator=torch.Generator().manual_seed(1)))
+def _seq2seq(cfg_name: str, model_name: str, **kw: Any) -> Callable:
+    ids = lambda: dict(input_ids=_ids(1, 12), decoder_input_ids=_ids(1, 8))  # noqa: E731
+    return _hf(cfg_name, model_name, ids, **_SEQ2SEQ | kw)
+
+
+# ViT-MAE with its masking noise passed in, so the reference and the rewrite agree
+_vit_mae = _hf(
+    "ViTMAEConfig",
+    "ViTMAEModel",
+    lambda: dict(pixel_values=_randn(1, 3, 32, 32), noise=torch.rand(1, 16)),
+    **_VIT,
+    mask_ratio=0.0,
+)
+_whisper_enc = _hf(
+    "WhisperConfig",
+    "WhisperModel",
+    lambda: dict(input_features=_randn(1, 16, 32)),
+    "get_encoder",
+    **_SEQ2SEQ | dict(num_mel_bins=16, max_source_positions=16, max_target_positions=16),
+)
 
 
 def _opt(**kw: Any) -> Callable:
@@ -139,10 +117,7 @@ def _opt(**kw: Any) -> Callable:
 
 # wav2vec2-family encoders in their stable-layer-norm (Pre-LN) form, tiny
 _STABLE_LN_AUDIO = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
+    **_TINY,
     do_stable_layer_norm=True,
     feat_extract_norm="layer",
     conv_dim=(16, 16),
@@ -211,9 +186,7 @@ def _seq2seq(cfg_name: str, model_name: str, **kw: Any) -> Callable:
     return _hf(cfg_name, model_name, ids, **{**base, **kw})
 
 
-_PIXELS = lambda: dict(pixel_values=_randn(1, 3, 32, 32))  # noqa: E731
-_VIDEO = lambda: dict(pixel_values=_randn(1, 4, 3, 32, 32))  # noqa: E731
-_IDS = lambda: dict(input_ids=_ids(1, 12))  # noqa: E731
+_SWIN = dict(embed_dim=16, depths=[1, 1], num_attention_heads=[2, 2], patch_size=4, window_size=4)
 # a two-stage hierarchical vision backbone (Segformer / PVTv2)
 _STAGES = dict(
     num_encoder_blocks=2,
@@ -275,28 +248,14 @@ ARCHS: dict[str, Callable[[], tuple]] = {
     "dinov2_swiglu": _vision("Dinov2Config", mlp_ratio=2, use_swiglu_ffn=True),
     "vit_msn": _vision("ViTMSNConfig"),
     "vit_mae": _vit_mae,
-    "swin": _vision(
-        "SwinConfig",
-        embed_dim=16,
-        depths=[1, 1],
-        num_attention_heads=[2, 2],
-        patch_size=4,
-        window_size=4,
-    ),
-    "donut_swin": _vision(
-        "DonutSwinConfig",
-        embed_dim=16,
-        depths=[1, 1],
-        num_attention_heads=[2, 2],
-        patch_size=4,
-        window_size=4,
-    ),
-    "clip_text": _clip("text"),
-    "clip_vision": _clip("vision"),
+    "swin": _vision("SwinConfig", **_SWIN),
+    "donut_swin": _vision("DonutSwinConfig", **_SWIN),
+    "clip_text": _text("CLIPTextConfig", "CLIPTextModel"),
+    "clip_vision": _vision("CLIPVisionConfig", "CLIPVisionModel"),
     "siglip_vision": _vision("SiglipVisionConfig", "SiglipVisionModel"),
-    "whisper_enc": _whisper,
-    "wav2vec2_stable": _audio("Wav2Vec2Config", "Wav2Vec2Model", **_STABLE_LN_AUDIO),
-    "hubert_stable": _audio("HubertConfig", "HubertModel", **_STABLE_LN_AUDIO),
+    "whisper_enc": _whisper_enc,
+    "wav2vec2_stable": _hf("Wav2Vec2Config", "Wav2Vec2Model", _WAVE, **_STABLE_LN_AUDIO),
+    "hubert_stable": _hf("HubertConfig", "HubertModel", _WAVE, **_STABLE_LN_AUDIO),
     "cait_like_dinov2_ls": _vision("Dinov2Config", mlp_ratio=2, layerscale_value=0.5),
     "convnext_v1": _vision(
         "ConvNextConfig",
@@ -315,45 +274,22 @@ ARCHS: dict[str, Callable[[], tuple]] = {
         "Speech2TextConfig",
         "Speech2TextModel",
         lambda: dict(input_features=_randn(1, 32, 16), decoder_input_ids=_ids(1, 8)),
-        **{**TEXT, "hidden_size": 32},
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_source_positions=64,
-        max_target_positions=64,
-        conv_kernel_sizes=(5, 5),
+        **_SEQ2SEQ
+        | dict(max_source_positions=64, max_target_positions=64, conv_kernel_sizes=(5, 5)),
         conv_channels=32,
         input_feat_per_channel=16,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=1,
     ),
     "musicgen_dec": _hf(
         "MusicgenDecoderConfig",
         "MusicgenModel",
         lambda: dict(input_ids=_ids(2, 12)),
-        **TEXT,
-        ffn_dim=64,
-        num_codebooks=2,
-        pad_token_id=95,
-        bos_token_id=95,
+        **TEXT | dict(ffn_dim=64, num_codebooks=2, pad_token_id=95, bos_token_id=95),
     ),
     "bark_semantic": _hf(
         "BarkSemanticConfig",
         "BarkSemanticModel",
         _IDS,
-        input_vocab_size=96,
-        output_vocab_size=96,
-        num_layers=2,
-        num_heads=2,
-        hidden_size=32,
-        block_size=64,
-        use_cache=False,
+        **TEXT | dict(output_vocab_size=96, block_size=64),
     ),
     "esm": _text("EsmConfig", pad_token_id=1, mask_token_id=4, emb_layer_norm_before=False),
     "esm_rotary": _text(
@@ -364,57 +300,27 @@ ARCHS: dict[str, Callable[[], tuple]] = {
         "Kosmos2TextConfig",
         "kosmos2.modeling_kosmos2.Kosmos2TextModel",
         _IDS,
-        vocab_size=96,
-        embed_dim=32,
-        layers=2,
-        ffn_dim=64,
-        attention_heads=2,
-        max_position_embeddings=64,
-        use_cache=False,
+        **TEXT | dict(ffn_dim=64),
     ),
     "siglip_text": _text("SiglipTextConfig", "SiglipTextModel"),
     "modernbert": _text(
-        "ModernBertConfig",
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        cls_token_id=1,
-        sep_token_id=2,
-        local_attention=8,
+        "ModernBertConfig", **_TOKENS, cls_token_id=1, sep_token_id=2, local_attention=8
     ),
     "rwkv": _text("RwkvConfig", attention_hidden_size=32, rescale_every=0),
     "moonshine": _hf(
         "MoonshineConfig",
         "MoonshineModel",
         lambda: dict(input_values=_randn(1, 1600), decoder_input_ids=_ids(1, 8)),
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
+        **TEXT | _TOKENS,
         encoder_num_hidden_layers=2,
-        decoder_num_hidden_layers=2,
         encoder_num_attention_heads=2,
-        decoder_num_attention_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=1,
-        use_cache=False,
     ),
-    "wavlm_stable": _audio("WavLMConfig", "WavLMModel", **_STABLE_LN_AUDIO, num_buckets=8),
+    "wavlm_stable": _hf("WavLMConfig", "WavLMModel", _WAVE, **_STABLE_LN_AUDIO, num_buckets=8),
     "ast": _hf(
         "ASTConfig",
         "ASTModel",
         lambda: dict(input_values=_randn(1, 32, 32)),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        patch_size=8,
-        frequency_stride=8,
-        time_stride=8,
-        max_length=32,
-        num_mel_bins=32,
+        **_VIT | dict(frequency_stride=8, time_stride=8, max_length=32, num_mel_bins=32),
     ),
     "blip_vision": _vision("BlipVisionConfig", "BlipVisionModel"),
     "ijepa": _vision("IJepaConfig"),
@@ -424,27 +330,12 @@ ARCHS: dict[str, Callable[[], tuple]] = {
     "x_clip_vision": _hf(
         "XCLIPVisionConfig",
         "XCLIPVisionModel",
-        lambda: dict(pixel_values=_randn(2, 3, 32, 32)),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-        num_frames=2,
-        mit_hidden_size=32,
-        mit_intermediate_size=64,
-        mit_num_hidden_layers=1,
-        mit_num_attention_heads=2,
+        lambda: dict(pixel_values=_randn(2, 3, 32, 32)),  # 2 frames
+        **_VIT | dict(num_frames=2, mit_hidden_size=32, mit_intermediate_size=64),
+        **dict(mit_num_hidden_layers=1, mit_num_attention_heads=2),
     ),
     "videomae": _hf(
-        "VideoMAEConfig",
-        "VideoMAEModel",
-        _VIDEO,
-        **_VIT,
-        num_frames=4,
-        tubelet_size=2,
-        use_mean_pooling=False,
+        "VideoMAEConfig", "VideoMAEModel", _VIDEO, **_VIT, num_frames=4, use_mean_pooling=False
     ),
     "timesformer": _hf("TimesformerConfig", "TimesformerModel", _VIDEO, **_VIT, num_frames=4),
     "vivit": _hf("VivitConfig", "VivitModel", _VIDEO, **_VIT, num_frames=4, tubelet_size=[2, 8, 8]),
@@ -454,11 +345,7 @@ ARCHS: dict[str, Callable[[], tuple]] = {
         "FocalNetConfig",
         "FocalNetModel",
         _PIXELS,
-        image_size=32,
-        patch_size=4,
-        embed_dim=16,
-        depths=[1, 1],
-        hidden_sizes=[16, 32],
+        **dict(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], hidden_sizes=[16, 32]),
         focal_levels=[2, 2],
         focal_windows=[3, 3],
     ),
@@ -466,44 +353,22 @@ ARCHS: dict[str, Callable[[], tuple]] = {
         "HieraConfig",
         "HieraModel",
         lambda: dict(pixel_values=_randn(1, 3, 64, 64)),
-        embed_dim=16,
-        image_size=[64, 64],
-        patch_size=[7, 7],
-        patch_stride=[4, 4],
-        patch_padding=[3, 3],
-        depths=[1, 1],
-        num_heads=[1, 2],
-        query_stride=[2, 2],
-        masked_unit_size=[8, 8],
-        masked_unit_attention=[True, False],
-        num_query_pool=1,
-        mlp_ratio=2.0,
+        **dict(embed_dim=16, image_size=[64, 64], depths=[1, 1], num_heads=[1, 2], mlp_ratio=2.0),
+        **dict(masked_unit_size=[8, 8], masked_unit_attention=[True, False], num_query_pool=1),
     ),
     "sam_vision": _hf(
         "SamVisionConfig",
         "SamVisionModel",
         lambda: dict(pixel_values=_randn(1, 3, 64, 64)),
-        hidden_size=32,
-        output_channels=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=64,
-        patch_size=8,
-        mlp_dim=64,
-        window_size=4,
+        **_VIT | dict(image_size=64, output_channels=16, mlp_dim=64, window_size=4),
         global_attn_indexes=[1],
     ),
     "perceiver": _hf(
         "PerceiverConfig",
         "PerceiverModel",
         lambda: dict(inputs=_randn(1, 12, 16)),
-        num_latents=8,
-        d_latents=32,
-        d_model=16,
-        num_blocks=1,
-        num_self_attends_per_block=2,
-        num_self_attention_heads=2,
-        num_cross_attention_heads=1,
+        **dict(num_latents=8, d_latents=32, d_model=16, num_blocks=1, num_self_attends_per_block=2),
+        **dict(num_self_attention_heads=2, num_cross_attention_heads=1),
     ),
     # Post-LN controls: every refusal must say Post-LN
     "roformer_postln": _text("RoFormerConfig"),
