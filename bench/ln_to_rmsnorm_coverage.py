@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -58,6 +59,11 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
+def _reader(reason: str) -> str:
+    found = re.search(r"is also read by (\w+)", reason)
+    return found.group(1) if found else ""
+
+
 def run(build: Callable[[], tuple], post_ln: bool) -> dict[str, Any]:
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -88,6 +94,7 @@ def run(build: Callable[[], tuple], post_ln: bool) -> dict[str, Any]:
         for k, v in LnToRmsNorm().explain(gm, PassContext()).items()
         if v.startswith("convertible")
     }
+    ops = {n.name: str(n.target) for n in gm.graph.nodes}
     result = LnToRmsNorm()(gm)
     left = {n.label for n in find_norms(gm) if n.kind == "layernorm"}
     with torch.no_grad():
@@ -97,6 +104,9 @@ def run(build: Callable[[], tuple], post_ln: bool) -> dict[str, Any]:
         reasons[s.reason] = reasons.get(s.reason, 0) + 1
     converted = len(lns) - len(left)
     says_post_ln = [("post-ln" in r.lower()) for r in reasons]
+    # "x is also read by add_5": a residual add is a stream op, not a reader; the true reader is
+    # further on (usually the model output): the reason names the wrong op
+    blames_add = [r[:120] for r in reasons if ops.get(_reader(r), "").startswith("aten.add.")]
     return {
         "status": "ok",
         "post_ln": post_ln,
@@ -109,6 +119,7 @@ def run(build: Callable[[], tuple], post_ln: bool) -> dict[str, Any]:
         "notes": list(result.notes),
         # Post-LN control: every refusal says Post-LN; Pre-LN model: none does
         "refusals_true": all(says_post_ln) if post_ln else not any(says_post_ln),
+        "blames_residual_add": blames_add,
         "wrong": bool(err > TOL) if result.modified else False,
         "max_rel_err": err,
         "explain_matches": len(claimed) == converted,
@@ -132,6 +143,7 @@ def summary(rows: dict[str, dict[str, Any]]) -> str:
         f"Pre-LN: all converted {full}/{len(pre)} traced with LayerNorms; wrong: {len(bad('wrong'))}"
         f" {bad('wrong')}; false refusals: {false}; silent: {bad('unaccounted')};"
         f" explain != convert: {mismatch}",
+        f"refusals naming a residual add as the reader: {bad('blames_residual_add')}",
         f"Post-LN controls: refusal says Post-LN: {controls}",
         f"not measured: {sorted(k for k, r in rows.items() if r['status'] != 'ok')};"
         f" no LayerNorm: {sorted(k for k, r in ok.items() if not r['layernorms'])}",
