@@ -192,7 +192,7 @@ _STAGES = dict(
     num_encoder_blocks=2,
     depths=[1, 1],
     sr_ratios=[2, 1],
-    hidden_sizes=[16, 32],
+    hidden_sizes=[24, 32],  # 24 channels: unlike 16, not the 4x4 = 16 reduced tokens
     patch_sizes=[7, 3],
     strides=[4, 2],
     num_attention_heads=[1, 2],
