@@ -156,8 +156,26 @@ def match(
         reasons.append(f"no conv/linear feeds it and {last} has {len(users)} users")
     if not reasons:
         name = producer.name if isinstance(producer, Node) else "an input"
-        reasons.append(f"no conv/linear directly before or after it (input comes from {name})")
+        reasons.append(
+            f"no conv/linear directly before or after it (input comes from {name}"
+            f"{_through(before)}; output goes to {_reader(users, after)})"
+        )
     return Skip(bn.label, "; ".join(reasons))
+
+
+def _through(ops: list[LayoutOp]) -> str:
+    return f" through {', '.join(op.node.name for op in ops)}" if ops else ""
+
+
+def _reader(users: list[Node], after: list[LayoutOp]) -> str:
+    """Who reads the BN's output (past the layout ops ``after``), for a refusal."""
+    names = [
+        "the model output"
+        if u.op == "output"
+        else f"{u.name} ({getattr(u.target, '__name__', u.target)})"
+        for u in users
+    ]
+    return (", ".join(names) or "nothing") + _through(after)
 
 
 def _value_users(node: Node) -> int:

@@ -369,6 +369,25 @@ def test_real_model_folds_every_absorbable_bn(name: str) -> None:
     assert err <= NET_RTOL, f"{name}: rel err {err:.3g}"
 
 
+def test_clap_refusal_names_both_neighbours() -> None:
+    """CLAP's BatchNorm normalizes the mel bins of the raw input, which a transpose then turns
+    into a spatial axis that a bicubic upsample interpolates before the patch conv: no layer can
+    absorb it, and the reason names what is on each side instead of only "no conv/linear"."""
+    t = _transformers()
+    cfg = t.ClapAudioConfig(
+        spec_size=64, num_mel_bins=16, window_size=4, patch_size=4, patch_stride=(4, 4),
+        hidden_size=32, depths=[1, 1], num_attention_heads=[2, 2], patch_embeds_hidden_size=16,
+        projection_dim=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = t.ClapAudioModel(cfg).eval()
+    gm = trace(model, (torch.randn(1, 1, 64, 16),), "export").graph_module
+    [skip] = FoldBatchNorm()(gm).skipped
+    assert "input comes from input_features through transpose" in skip.reason, skip.reason
+    assert "output goes to upsample_bicubic2d" in skip.reason, skip.reason
+    assert n_bn(gm) == 1
+
+
 def test_levit_onnx_pipeline_parity(tmp_path: Path) -> None:
     model, x, gm, _, _ = folded("levit")
     path = tmp_path / "levit.onnx"
