@@ -114,8 +114,6 @@ def plan(
         return skip(stream.problems[0] + more)
     if not stream.writers:
         return skip("no writer of the stream found")
-    if all(w.kind == "centre" for w in stream.writers):
-        return skip("no stored tensor writes the stream")
     reads_inside: dict[str, int] = {}
     for w in stream.writers:
         for fqn, _ in w.tensors:  # a stored table read by several slices counts each
@@ -280,7 +278,31 @@ def _unit_weight(gm: GraphModule, ctx: PassContext, info: NormInfo) -> str:
 
 def _centres(stream: ResidualStream) -> str:
     n = sum(w.kind == "centre" for w in stream.writers)
-    return f" ({n} explicit mean subtraction{'s' if n > 1 else ''} inserted)" if n else ""
+    subtractions = f"{n} explicit mean subtraction{'s' if n > 1 else ''}"
+    if stream.explicit:
+        return f"only by {subtractions} at its norms' inputs (no saving)"
+    inserted = f" ({subtractions} inserted)" if n else ""
+    return f"stream written by {len(stream.writers)} ops{inserted}"
+
+
+def _note(stream: ResidualStream, w: StreamWriter) -> str:
+    """What an inserted mean subtraction costs, and whether it saves anything."""
+    cost = f"(2 ops: mean, sub over {stream.features} features per position)"
+    if not stream.explicit:
+        return (
+            f"ln-to-rmsnorm: inserted a mean subtraction after {w.label} {cost}, which no "
+            "weight surgery can centre"
+        )
+    norms = ", ".join(node_label(u) for u in w.uses)
+    saving = (
+        "no saving, it replaces the LayerNorm's own centring"
+        if len(w.uses) == 1
+        else f"it replaces the centring of {len(w.uses)} LayerNorms"
+    )
+    return (
+        f"ln-to-rmsnorm: inserted a mean subtraction before {norms} {cost}: no stored tensor "
+        f"writes its stream; {saving}"
+    )
 
 
 @dataclass(frozen=True)
@@ -314,13 +336,7 @@ class LnToRmsNorm(Pass):
                 skipped += found
                 continue
             n = recentre(gm, ctx, found)
-            for w in stream.writers:
-                if w.kind == "centre":
-                    notes.append(
-                        f"ln-to-rmsnorm: inserted a mean subtraction after {w.label} (2 ops: "
-                        f"mean, sub over {stream.features} features per position), which no "
-                        "weight surgery can centre"
-                    )
+            notes += [_note(stream, w) for w in stream.writers if w.kind == "centre"]
             untied = f"; untied {', '.join(found.untie)}" if found.untie else ""
             done.append((stream, len(changes)))
             changes.append(
@@ -369,8 +385,7 @@ class LnToRmsNorm(Pass):
                 out[ln.name] = (
                     f"not convertible: {found[0].reason}"
                     if isinstance(found, tuple)
-                    else f"convertible: stream written by {len(stream.writers)} ops"
-                    + _centres(stream)
+                    else f"convertible: {_centres(stream)}"
                 )
         for n in _written_layernorms(gm):
             out[n.node.name] = f"not convertible: {WRITTEN_OUT}"

@@ -47,6 +47,9 @@ class ResidualStream:
     readers: tuple[Node, ...]  # LayerNorm nodes reading a stream value over its features
     features: int | None
     problems: tuple[str, ...]  # why centring the stream would change the model, if it would
+    # centred only by a mean subtraction at each norm's input (no stored tensor can do it): exact,
+    # but it saves nothing over the LayerNorms' own centring
+    explicit: bool = False
 
 
 # --------------------------------------------------------------------------- op classes
@@ -127,4 +130,9 @@ _VIEW = (
     {aten.view.default, aten.reshape.default, aten._unsafe_view.default},
     {torch.reshape},
     {"view", "reshape"},
+)
+_REDUCE = (
+    {aten.mean.dim, aten.sum.dim_IntList},
+    {torch.mean, torch.sum},
+    {"mean", "sum"},
 )

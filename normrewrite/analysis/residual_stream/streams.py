@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Set as AbstractSet
 from dataclasses import replace
 
 import networkx as nx
@@ -12,7 +14,7 @@ from normrewrite.core.graph import node_label
 from normrewrite.core.graph import users as _all_users
 from normrewrite.core.ops import dense_info, norm_info
 
-from .ops import ResidualStream, _rank
+from .ops import ResidualStream, StreamWriter, _rank
 from .walk import _Walk
 
 
@@ -35,15 +37,45 @@ def layernorm_readers(gm: GraphModule) -> list[Node]:
 _SHAPE_ATTRS = ("shape", "dtype", "device", "ndim")
 
 
-def users(node: Node) -> list[Node]:
-    """Users that read ``node``'s values (not only its shape: ``x.shape``, ``x.size()``)."""
+def users(node: Node, live: AbstractSet[Node]) -> list[Node]:
+    """Users that read ``node``'s values (not only its shape: ``x.shape``, ``x.size()``) for
+    something the model computes (``live``: mBART's ``inputs_embeds[..., -1]``, "just for the
+    shape", is left dead in the exported graph)."""
     return [
         u
         for u in _all_users(node)
-        if not (u.op == "call_function" and u.target is getattr and u.args[1] in _SHAPE_ATTRS)
+        if u in live
+        and not (u.op == "call_function" and u.target is getattr and u.args[1] in _SHAPE_ATTRS)
         and not (u.op == "call_method" and u.target in ("size", "dim"))
         and not (u.op == "call_function" and u.target is torch.ops.aten.sym_size.int)
     ]
+
+
+def _effect(n: Node) -> bool:
+    """``n`` is an output, a module call, or may write a tensor (in-place ops, ``x += y``)."""
+    if n.op in ("output", "placeholder", "call_module") or n.is_impure():
+        return True
+    name = getattr(n.target, "__name__", n.target) if n.op == "call_function" else n.target
+    in_place = n.op == "call_function" and n.target in _IN_PLACE_OPERATORS
+    return in_place or (isinstance(name, str) and name.endswith("_") and not name.endswith("__"))
+
+
+_IN_PLACE_OPERATORS = {
+    getattr(operator, f"i{op}")
+    for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or")
+}
+
+
+def live_nodes(gm: GraphModule) -> set[Node]:
+    """The nodes an output or a side effect depends on."""
+    todo = [n for n in gm.graph.nodes if _effect(n)]
+    live: set[Node] = set()
+    while todo:
+        n = todo.pop()
+        if n not in live:
+            live.add(n)
+            todo.extend(n.all_input_nodes)
+    return live
 
 
 def _post_ln(gm: GraphModule, u: Node, start: Node | None) -> str:
@@ -56,6 +88,7 @@ def _post_ln(gm: GraphModule, u: Node, start: Node | None) -> str:
 
 def _walk(gm: GraphModule, lns: list[Node], cuts: frozenset[Node]) -> list[ResidualStream]:
     walk = _Walk(gm, set(lns), cuts)
+    live = live_nodes(gm)
     inputs: dict[Node, Node] = {}
     for ln in lns:
         info = norm_info(gm, ln)
@@ -86,9 +119,9 @@ def _walk(gm: GraphModule, lns: list[Node], cuts: frozenset[Node]) -> list[Resid
                 continue
             # the centred copy goes to the stream's users only; the others keep the original
             uses = [
-                u for u in users(w.node) if u in values or (u in readers and inputs[u] is w.node)
+                u for u in users(w.node, live) if u in values or (u in readers and inputs[u] is w.node)
             ]
-            others = [u for u in users(w.node) if u not in uses]
+            others = [u for u in users(w.node, live) if u not in uses]
             if w.node in lns and others:
                 problems.append(
                     f"the output of the LayerNorm {node_label(w.node)} is read un-normalized by "
@@ -97,8 +130,9 @@ def _walk(gm: GraphModule, lns: list[Node], cuts: frozenset[Node]) -> list[Resid
             writers.append(replace(w, uses=tuple(uses)))
         start = next((w.node for w in writers if w.node in lns), None)
 
-        for v in [*values, *(w.node for w in writers if w.kind != "centre")]:
-            for u in users(v):
+        stored = [w.node for w in writers if w.kind != "centre"]
+        for v in [*sorted(values, key=order.__getitem__), *stored]:
+            for u in users(v, live):
                 if u in values or (u in readers and inputs[u] is v):
                     continue
                 if u.op == "output":
@@ -108,22 +142,37 @@ def _walk(gm: GraphModule, lns: list[Node], cuts: frozenset[Node]) -> list[Resid
                         f"the stream value {v.name} is also read by {u.name}, not through a "
                         f"LayerNorm{_post_ln(gm, u, start)}"
                     )
-        centres = sum(w.kind == "centre" for w in writers)
-        if centres and centres >= len(readers):
-            problems.append(
-                f"no stored tensor writes the stream of {node_label(readers[0])}: only "
-                f"{centres} explicit mean subtraction(s) could centre it, as costly as the norm"
-            )
+        explicit = sum(w.kind == "centre" for w in writers) >= len(readers)
+        if explicit and not problems:
+            writers = _at_readers(readers, inputs)
         features = None
         if readers:
             info = norm_info(gm, readers[0])
             features = info.normalized_shape[0] if info and info.normalized_shape else None
         streams.append(
             ResidualStream(
-                values, tuple(writers), readers, features, tuple(dict.fromkeys(problems))
+                values,
+                tuple(writers),
+                readers,
+                features,
+                tuple(dict.fromkeys(problems)),
+                explicit and not problems,
             )
         )
     return streams
+
+
+def _at_readers(readers: tuple[Node, ...], inputs: dict[Node, Node]) -> list[StreamWriter]:
+    """One mean subtraction per distinct norm input, for that input's norms only: the cheapest
+    exact form of a stream that only explicit mean subtractions can centre (no weights change,
+    the rest of the stream is left as it is)."""
+    by_input: dict[Node, list[Node]] = {}
+    for r in readers:
+        by_input.setdefault(inputs[r], []).append(r)
+    return [
+        StreamWriter(x, "centre", (), axis=(_rank(x) or 1) - 1, uses=tuple(rs))
+        for x, rs in by_input.items()
+    ]
 
 
 def _order(order: dict[Node, int]):
@@ -139,12 +188,13 @@ def residual_streams(gm: GraphModule) -> list[ResidualStream]:
     the first walk's problems stand (they name the op that reads the raw stream)."""
     lns = layernorm_readers(gm)
     first = _walk(gm, lns, frozenset())
+    live = live_nodes(gm)
     cuts = frozenset(
         v
         for s in first
         if s.problems
         for v in s.values
-        if any(u not in s.values and u not in s.readers for u in users(v))
+        if any(u not in s.values and u not in s.readers for u in users(v, live))
     )
     if not cuts:
         return first
