@@ -50,6 +50,7 @@ class ResidualStream:
     # centred only by a mean subtraction at each norm's input (no stored tensor can do it): exact,
     # but it saves nothing over the LayerNorms' own centring
     explicit: bool = False
+    post_ln: bool = False  # a problem is the Post-LN pattern (the next branch reads the raw sum)
 
 
 # --------------------------------------------------------------------------- op classes

@@ -112,17 +112,20 @@ def _walk(gm: GraphModule, lns: list[Node], cuts: frozenset[Node]) -> list[Resid
             for n in sorted((n for n in comp if isinstance(n, Node)), key=order.__getitem__)
             if n in walk.problems
         ]
-        writers = []
+        writers, post_ln = [], False
         for w in sorted((walk.writers[n] for n in comp if n in walk.writers), key=_order(order)):
             if w.kind != "centre":
                 writers.append(w)
                 continue
             # the centred copy goes to the stream's users only; the others keep the original
             uses = [
-                u for u in users(w.node, live) if u in values or (u in readers and inputs[u] is w.node)
+                u
+                for u in users(w.node, live)
+                if u in values or (u in readers and inputs[u] is w.node)
             ]
             others = [u for u in users(w.node, live) if u not in uses]
             if w.node in lns and others:
+                post_ln |= dense_info(gm, others[0]) is not None
                 problems.append(
                     f"the output of the LayerNorm {node_label(w.node)} is read un-normalized by "
                     f"{others[0].name}" + (" (Post-LN)" if dense_info(gm, others[0]) else "")
@@ -138,6 +141,7 @@ def _walk(gm: GraphModule, lns: list[Node], cuts: frozenset[Node]) -> list[Resid
                 if u.op == "output":
                     problems.append(f"the stream value {v.name} is a model output")
                 else:
+                    post_ln |= bool(_post_ln(gm, u, start))
                     problems.append(
                         f"the stream value {v.name} is also read by {u.name}, not through a "
                         f"LayerNorm{_post_ln(gm, u, start)}"
@@ -157,6 +161,7 @@ def _walk(gm: GraphModule, lns: list[Node], cuts: frozenset[Node]) -> list[Resid
                 features,
                 tuple(dict.fromkeys(problems)),
                 explicit and not problems,
+                post_ln,
             )
         )
     return streams
@@ -184,8 +189,11 @@ def residual_streams(gm: GraphModule) -> list[ResidualStream]:
 
     A stream value also read by a non-norm op (wav2vec2's positional conv reads the projected
     features) is tried once more as a *cut*: its stream users get an explicitly centred copy and
-    its sources are left alone. The retry is kept per stream only where it has no problems; else
-    the first walk's problems stand (they name the op that reads the raw stream)."""
+    its sources are left alone. The retry is kept per stream only where it has no problems and,
+    if only explicit mean subtractions centre it, where the first walk did not find Post-LN
+    blocks (their sums are read by the next branch: a cut before each norm would convert it for
+    no saving while the model stays Post-LN); else the first walk's problems stand (they name
+    the op that reads the raw stream)."""
     lns = layernorm_readers(gm)
     first = _walk(gm, lns, frozenset())
     live = live_nodes(gm)
@@ -198,7 +206,12 @@ def residual_streams(gm: GraphModule) -> list[ResidualStream]:
     )
     if not cuts:
         return first
-    second = [s for s in _walk(gm, lns, cuts) if not s.problems]
+    post_ln = {r for s in first if s.post_ln for r in s.readers}
+    second = [
+        s
+        for s in _walk(gm, lns, cuts)
+        if not s.problems and not (s.explicit and post_ln & set(s.readers))
+    ]
     done = {r for s in second for r in s.readers}
     rest = []
     for s in first:
