@@ -23,11 +23,13 @@ stream; a stream that fails one keeps its LayerNorms and the report gives the re
   BERT reads the un-normalized sum in the next branch, and a model returning the raw stream
   exposes its mean — both are refused);
 * every writer is a linear / non-grouped conv / embedding / stored tensor, or else gets an explicit
-  mean subtraction (2 ops per position, listed in the report's notes) — refused where that would
-  be all the stream has;
-* the writers' tensors are read nowhere else: a tied output head (``lm_head.weight is
-  wte.weight``) is refused, or with ``untie=true`` the embedding gets its own re-centred copy
-  (the head keeps the original table);
+  mean subtraction (2 ops per position, listed in the report's notes); where that would be all the
+  stream has, the norm is still converted (the user asked for RMSNorm-only norms) with one
+  subtraction at its input, and the note says it saves nothing;
+* the writers' tensors are read nowhere else but by writers of streams rewritten too (mBART's one
+  token table for encoder and decoder): a tied output head (``lm_head.weight is wte.weight``) is
+  refused, or with ``untie=true`` the embedding gets its own re-centred copy (the head keeps the
+  original table);
 * the RMSNorm keeps the LayerNorm's ε (it is the same ``mean(x²) + ε`` once the mean is zero).
 
 The rewrite is exact in real arithmetic; in floating point the stream's mean is zero only up to

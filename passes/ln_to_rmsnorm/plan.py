@@ -33,6 +33,7 @@ def plan_all(
     ok = {id(s) for s in streams}
     while True:
         inside = _reads(s for s in streams if id(s) in ok)
+        inside.update(_unread(gm))  # a get_attr nothing reads counts as one read in ``usage``
         plans = [plan(gm, s, usage, untie, inside) for s in streams]
         refused = {id(s) for s, p in zip(streams, plans, strict=True) if isinstance(p, tuple)}
         if not ok & refused:
@@ -49,6 +50,12 @@ def _reads(streams: Iterable[ResidualStream]) -> Counter[str]:
             for fqn, _ in w.tensors:
                 reads[fqn] += len(w.node.users) if w.node.op == "get_attr" else 1
     return reads
+
+
+def _unread(gm: GraphModule) -> Counter[str]:
+    """Names of stored tensors fetched by a ``get_attr`` nothing reads (mBART's fetch of its tied
+    encoder.embed_tokens.weight), each counted as one read by :class:`TensorUsage`."""
+    return Counter(str(n.target) for n in gm.graph.find_nodes(op="get_attr") if not n.users)
 
 
 def plan(
@@ -74,7 +81,8 @@ def plan(
     to_untie: list[str] = []
     for w in stream.writers:
         for fqn, _ in w.tensors:
-            if usage.count(fqn) <= inside[fqn]:
+            names = usage.aliases.get(fqn, frozenset({fqn}))
+            if usage.count(fqn) <= sum(inside[n] for n in names):
                 continue
             if untie and w.kind in ("embedding", "constant") and w.node.op != "call_module":
                 to_untie.append(fqn)

@@ -14,8 +14,10 @@ from normrewrite.core.graph import node_label
 from normrewrite.core.graph import users as _all_users
 from normrewrite.core.ops import dense_info, norm_info
 
-from .ops import ResidualStream, StreamWriter, _rank
+from .ops import _ADD, _SCALE, _VIEW, ResidualStream, StreamWriter, _is, _passthrough, _rank
 from .walk import _Walk
+
+aten = torch.ops.aten
 
 
 def layernorm_readers(gm: GraphModule) -> list[Node]:
@@ -144,7 +146,7 @@ def _walk(gm: GraphModule, lns: list[Node], cuts: frozenset[Node]) -> list[Resid
                     post_ln |= bool(_post_ln(gm, u, start))
                     problems.append(
                         f"the stream value {v.name} is also read by {u.name}, not through a "
-                        f"LayerNorm{_post_ln(gm, u, start)}"
+                        f"LayerNorm{_post_ln(gm, u, start)}{_downstream(gm, u, live)}"
                     )
         explicit = sum(w.kind == "centre" for w in writers) >= len(readers)
         if explicit and not problems:
@@ -165,6 +167,32 @@ def _walk(gm: GraphModule, lns: list[Node], cuts: frozenset[Node]) -> list[Resid
             )
         )
     return streams
+
+
+_CARRY = (
+    _ADD[0]
+    | _SCALE[0]
+    | _VIEW[0]
+    | {aten.transpose.int, aten.permute.default, aten.select.int}
+    | {aten.slice.Tensor, aten.unsqueeze.default, aten.squeeze.dim, operator.getitem},
+    _ADD[1] | _SCALE[1] | _VIEW[1],
+    _ADD[2] | _SCALE[2] | _VIEW[2] | {"transpose", "permute", "unsqueeze", "squeeze"},
+)
+
+
+def _downstream(gm: GraphModule, u: Node, live: AbstractSet[Node]) -> str:
+    """Where a non-norm reader ``u`` takes the raw stream, when ``u`` only carries it on (a
+    residual add after the last norm, a layout op, a pick of tokens): `` (add_3 → model
+    output)``, or ``""``."""
+    path = [u]
+    while _is(path[-1], *_CARRY) or _passthrough(gm, path[-1]):
+        nxt = users(path[-1], live)
+        if len(nxt) != 1 or len(path) > 8:
+            return ""
+        if nxt[0].op == "output":
+            return f" ({' → '.join(n.name for n in path)} → model output)"
+        path.append(nxt[0])
+    return ""
 
 
 def _at_readers(readers: tuple[Node, ...], inputs: dict[Node, Node]) -> list[StreamWriter]:
