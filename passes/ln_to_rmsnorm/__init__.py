@@ -61,7 +61,8 @@ def _centres(stream: ResidualStream) -> str:
     n = sum(w.kind == "centre" for w in stream.writers)
     subtractions = f"{n} explicit mean subtraction{'s' if n > 1 else ''}"
     if stream.explicit:
-        return f"only by {subtractions} at its norms' inputs (no saving)"
+        saving = " (no saving)" if n >= len(stream.readers) else ""
+        return f"only by {subtractions} at its norms' inputs{saving}"
     inserted = f" ({subtractions} inserted)" if n else ""
     return f"stream written by {len(stream.writers)} ops{inserted}"
 
@@ -81,8 +82,8 @@ def _note(stream: ResidualStream, w: StreamWriter) -> str:
         else f"it replaces the centring of {len(w.uses)} LayerNorms"
     )
     return (
-        f"ln-to-rmsnorm: inserted a mean subtraction before {norms} {cost}: no stored tensor "
-        f"writes its stream; {saving}"
+        f"ln-to-rmsnorm: inserted a mean subtraction before {norms} {cost}: its stream takes as "
+        f"many to centre as it has norms; {saving}"
     )
 
 

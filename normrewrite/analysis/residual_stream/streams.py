@@ -88,9 +88,10 @@ def _post_ln(gm: GraphModule, u: Node, start: Node | None) -> str:
     return f" (Post-LN: the stream is built on the output of {node_label(start)})"
 
 
-def _walk(gm: GraphModule, lns: list[Node], cuts: frozenset[Node]) -> list[ResidualStream]:
+def _walk(
+    gm: GraphModule, lns: list[Node], cuts: frozenset[Node], live: AbstractSet[Node]
+) -> list[ResidualStream]:
     walk = _Walk(gm, set(lns), cuts)
-    live = live_nodes(gm)
     inputs: dict[Node, Node] = {}
     for ln in lns:
         info = norm_info(gm, ln)
@@ -223,8 +224,8 @@ def residual_streams(gm: GraphModule) -> list[ResidualStream]:
     no saving while the model stays Post-LN); else the first walk's problems stand (they name
     the op that reads the raw stream)."""
     lns = layernorm_readers(gm)
-    first = _walk(gm, lns, frozenset())
     live = live_nodes(gm)
+    first = _walk(gm, lns, frozenset(), live)
     cuts = frozenset(
         v
         for s in first
@@ -237,7 +238,7 @@ def residual_streams(gm: GraphModule) -> list[ResidualStream]:
     post_ln = {r for s in first if s.post_ln for r in s.readers}
     second = [
         s
-        for s in _walk(gm, lns, cuts)
+        for s in _walk(gm, lns, cuts, live)
         if not s.problems and not (s.explicit and post_ln & set(s.readers))
     ]
     done = {r for s in second for r in s.readers}
