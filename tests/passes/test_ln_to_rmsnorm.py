@@ -7,13 +7,13 @@ import copy
 import models
 import pytest
 import torch
-from normrewrite.passes.ln_to_rmsnorm import LnToRmsNorm
 from torch import nn
 
 from normrewrite.analysis.residual_stream import residual_streams
 from normrewrite.core.graph import get_tensor
 from normrewrite.core.ops import norms
 from normrewrite.core.pass_infra import PassContext
+from normrewrite.passes.ln_to_rmsnorm import LnToRmsNorm
 from normrewrite.trace import trace
 from normrewrite.verify import compare, tensor_leaves
 
@@ -25,10 +25,17 @@ def neox(layers: int = 2, hidden: int = 32, seed: int = 0) -> nn.Module:
     import transformers as t
 
     torch.manual_seed(seed)
-    cfg = t.GPTNeoXConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=layers,
-                          num_attention_heads=2, intermediate_size=hidden * 2,
-                          max_position_embeddings=64, use_parallel_residual=True, use_cache=False,
-                          tie_word_embeddings=False)
+    cfg = t.GPTNeoXConfig(
+        vocab_size=100,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=64,
+        use_parallel_residual=True,
+        use_cache=False,
+        tie_word_embeddings=False,
+    )
     return models.randomize_norms(t.GPTNeoXModel(cfg), seed).eval()
 
 
@@ -37,7 +44,9 @@ def gpt2_lm(seed: int = 0) -> nn.Module:
     import transformers as t
 
     torch.manual_seed(seed)
-    cfg = t.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64, use_cache=False)
+    cfg = t.GPT2Config(
+        vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64, use_cache=False
+    )
     model = models.randomize_norms(t.GPT2LMHeadModel(cfg), seed).eval()
     assert model.lm_head.weight is model.transformer.wte.weight
     return model
@@ -70,7 +79,9 @@ CASES = {
 
 def _ref64(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     with torch.no_grad():
-        return tensor_leaves(copy.deepcopy(model).double()(x.double() if x.is_floating_point() else x))
+        return tensor_leaves(
+            copy.deepcopy(model).double()(x.double() if x.is_floating_point() else x)
+        )
 
 
 def _targets(gm: torch.fx.GraphModule, *targets: object) -> list[torch.fx.Node]:
@@ -84,8 +95,10 @@ def _naive_swap(gm: torch.fx.GraphModule) -> None:
             continue
         node = info.node
         with gm.graph.inserting_after(node):
-            rms = gm.graph.call_function(aten.rms_norm.default, (info.input, list(info.normalized_shape),
-                                                                 node.args[2], info.eps))
+            rms = gm.graph.call_function(
+                aten.rms_norm.default,
+                (info.input, list(info.normalized_shape), node.args[2], info.eps),
+            )
         with gm.graph.inserting_after(rms):
             out = gm.graph.call_function(aten.add.Tensor, (rms, node.args[3]))
         node.replace_all_uses_with(out)
@@ -118,8 +131,12 @@ def test_writers_are_centred() -> None:
     assert [w.kind for w in stream.writers] == ["embedding", "embedding"] + ["linear"] * 4
     assert len(stream.readers) == 5
     LnToRmsNorm()(gm)
-    for fqn, dim in [("wte.weight", 1), ("wpe.weight", 1), ("h.0.attn.c_proj.weight", 1),
-                     ("h.0.attn.c_proj.bias", 0)]:
+    for fqn, dim in [
+        ("wte.weight", 1),
+        ("wpe.weight", 1),
+        ("h.0.attn.c_proj.weight", 1),
+        ("h.0.attn.c_proj.bias", 0),
+    ]:
         t = get_tensor(gm, fqn)
         assert t.mean(dim).abs().max() < 1e-6
         if fqn.endswith("weight"):  # the original is untouched (its biases start at zero)
@@ -226,18 +243,23 @@ class InPlacePreLN(PreLN):
         h = self.emb(ids) + self.pos
         for ln, up, down in zip(self.lns, self.up, self.down, strict=True):
             h.add_(down(torch.relu(up(ln(h)))))
-        return torch.nn.functional.layer_norm(h, self.final.normalized_shape, self.final.weight + 1,
-                                              self.final.bias, 1e-6)
+        return torch.nn.functional.layer_norm(
+            h, self.final.normalized_shape, self.final.weight + 1, self.final.bias, 1e-6
+        )
 
 
 def _converted_and_claimed(gm: torch.fx.GraphModule) -> tuple[set[str], set[str]]:
     """(LayerNorms the pass converted, LayerNorms its explain called convertible)."""
+
     def layernorms() -> set[str]:
         return {i.node.name for i in norms(gm) if i.kind == "layernorm"}
 
     before = layernorms()
-    claimed = {k for k, v in LnToRmsNorm().explain(gm, PassContext()).items()
-               if v.startswith("convertible")}
+    claimed = {
+        k
+        for k, v in LnToRmsNorm().explain(gm, PassContext()).items()
+        if v.startswith("convertible")
+    }
     LnToRmsNorm()(gm)
     return before - layernorms(), claimed
 
@@ -261,9 +283,17 @@ def test_nemotron_layernorm1p_exact() -> None:
     import transformers as t
 
     torch.manual_seed(0)
-    cfg = t.NemotronConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=2, head_dim=16,
-                           intermediate_size=64, max_position_embeddings=64, use_cache=False)
+    cfg = t.NemotronConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        use_cache=False,
+    )
     model = models.randomize_norms(t.NemotronModel(cfg)).eval()
     ids = models.token_ids()
     ref = _ref64(model, ids)
@@ -278,8 +308,14 @@ def test_layer_scale_folded_dinov2() -> None:
     import transformers as t
 
     torch.manual_seed(0)
-    cfg = t.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-                         image_size=32, patch_size=8)
+    cfg = t.Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        image_size=32,
+        patch_size=8,
+    )
     model = models.randomize_norms(t.Dinov2Model(cfg)).eval()
     with torch.no_grad():
         for m in model.modules():
@@ -310,38 +346,59 @@ def _wav2vec2() -> tuple[nn.Module, torch.Tensor]:
     import transformers as t
 
     torch.manual_seed(0)
-    cfg = t.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           intermediate_size=64, do_stable_layer_norm=True,
-                           feat_extract_norm="layer", conv_dim=(16, 16), conv_stride=(5, 4),
-                           conv_kernel=(10, 4), num_conv_pos_embeddings=16,
-                           num_conv_pos_embedding_groups=2)
+    cfg = t.Wav2Vec2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        do_stable_layer_norm=True,
+        feat_extract_norm="layer",
+        conv_dim=(16, 16),
+        conv_stride=(5, 4),
+        conv_kernel=(10, 4),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+    )
     x = torch.randn(1, 1600, generator=torch.Generator().manual_seed(0))
     return models.randomize_norms(t.Wav2Vec2Model(cfg)).eval(), x
 
 
-@pytest.mark.parametrize(("build", "centred_after", "refused"), [
-    (_bloom, ["word_embeddings_layernorm"], []),
-    (_wav2vec2, ["feature_projection.dropout", "encoder.pos_conv_embed.activation"],
-     ["feature_projection.layer_norm"]),
-])
-def test_explicit_mean_subtraction(build, centred_after: list[str], refused: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("build", "centred_after", "no_saving"),
+    [
+        (_bloom, ["word_embeddings_layernorm"], []),
+        (
+            _wav2vec2,
+            ["feature_projection.dropout", "encoder.pos_conv_embed.activation"],
+            ["feature_projection.layer_norm"],
+        ),
+    ],
+)
+def test_explicit_mean_subtraction(build, centred_after: list[str], no_saving: list[str]) -> None:
     """A stream starting at a norm's output or at an op no weight surgery centres gets one
-    explicit ``x - mean(x)`` there (noted with its cost); everything else is exact as before."""
+    explicit ``x - mean(x)`` there (noted with its cost); everything else is exact as before. A
+    stream with no stored writer at all (wav2vec2's feature projection LayerNorm reads the conv
+    features) gets the subtraction at its norm's input, noted as saving nothing."""
     model, x = build()
     ref = _ref64(model, x)
     gm = trace(model, (x,), "export").graph_module
     n_mean = len(_targets(gm, aten.mean.dim))
     before = {i.node.name for i in norms(gm) if i.kind == "layernorm"}
-    claimed = {k for k, v in LnToRmsNorm().explain(gm, PassContext()).items()
-               if v.startswith("convertible")}
+    claimed = {
+        k
+        for k, v in LnToRmsNorm().explain(gm, PassContext()).items()
+        if v.startswith("convertible")
+    }
     result = LnToRmsNorm()(gm)
     converted = before - {i.node.name for i in norms(gm) if i.kind == "layernorm"}
-    assert converted == claimed and len(converted) == len(before) - len(refused)
-    assert [s.target for s in result.skipped] == refused
-    assert all("no stored tensor writes" in s.reason for s in result.skipped)
-    assert [n.split(" after ")[1].split(" (")[0] for n in result.notes] == centred_after
+    assert converted == claimed == before and not result.skipped
+    after = [n.split(" after ")[1].split(" (")[0] for n in result.notes if " after " in n]
+    assert after == centred_after
     assert all("(2 ops: mean, sub" in n for n in result.notes)
-    assert len(_targets(gm, aten.mean.dim)) == n_mean + len(centred_after)
+    explicit = [n.split(" before ")[1].split(" (")[0] for n in result.notes if " before " in n]
+    assert explicit == no_saving
+    assert all("no saving" in n for n in result.notes if " before " in n)
+    assert len(_targets(gm, aten.mean.dim)) == n_mean + len(centred_after) + len(no_saving)
     assert compare(ref, tensor_leaves(gm(x))).max_rel_err <= 1e-5
 
 
@@ -350,8 +407,15 @@ def test_falcon_matmul_transposed_weight_writers() -> None:
     import transformers as t
 
     torch.manual_seed(0)
-    cfg = t.FalconConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         new_decoder_architecture=True, num_kv_heads=2, use_cache=False)
+    cfg = t.FalconConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        new_decoder_architecture=True,
+        num_kv_heads=2,
+        use_cache=False,
+    )
     model, ids = models.randomize_norms(t.FalconModel(cfg)).eval(), models.token_ids()
     ref = _ref64(model, ids)
     gm = trace(model, (ids,), "export").graph_module
@@ -427,9 +491,15 @@ def test_persimmon_per_head_qk_layernorm() -> None:
     import transformers as t
 
     torch.manual_seed(0)
-    cfg = t.PersimmonConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                            num_attention_heads=2, intermediate_size=64,
-                            max_position_embeddings=64, use_cache=False)
+    cfg = t.PersimmonConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        use_cache=False,
+    )
     model, ids = models.randomize_norms(t.PersimmonModel(cfg)).eval(), models.token_ids()
     ref = _ref64(model, ids)
     gm = trace(model, (ids,), "export").graph_module
@@ -438,7 +508,10 @@ def test_persimmon_per_head_qk_layernorm() -> None:
     converted, claimed = _converted_and_claimed(gm)
     assert len(converted) == 9 and converted == claimed
     fqn = "layers.0.self_attn.query_key_value.weight"
-    new, old = get_tensor(gm, fqn).reshape(2, 3, 16, 32), get_tensor(model, fqn).reshape(2, 3, 16, 32)
+    new, old = (
+        get_tensor(gm, fqn).reshape(2, 3, 16, 32),
+        get_tensor(model, fqn).reshape(2, 3, 16, 32),
+    )
     assert new[:, :2].mean(2).abs().max() < 1e-6 < old[:, :2].mean(2).abs().max()
     assert new[:, 2].mean(2).abs().max() > 1e-3  # v not centred (only γ of the input norm folded)
     assert compare(ref, tensor_leaves(gm(ids))).max_rel_err <= 1e-5
@@ -448,12 +521,22 @@ def test_cohere_written_layernorms_skipped_then_converted_after_fuse_norm() -> N
     """Cohere writes its LayerNorms out as arithmetic: ln-to-rmsnorm says so (never silently
     leaves them), and after fuse-norm converts them exactly."""
     import transformers as t
+
     from normrewrite.passes.ln_to_rmsnorm import WRITTEN_OUT
 
     torch.manual_seed(0)
-    cfg = t.CohereConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                         use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = t.CohereConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        use_cache=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     model = models.randomize_norms(t.CohereModel(cfg)).eval()
     ids = models.token_ids()
     ref = _ref64(model, ids)

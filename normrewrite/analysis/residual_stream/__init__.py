@@ -3,8 +3,9 @@
 Starting from the input of every LayerNorm over the last dim, the analysis walks the data-flow
 graph backwards through ops that act on each feature vector linearly and independently — residual
 adds, dropout (eval), no-op casts, reshapes that keep the feature dim, transposes/permutes/flatten
-(the feature axis is tracked through them), ``cat``/``expand``/``slice`` along other axes, scaling
-by a number — and stops at the **writers**: the ops whose output enters the stream and whose
+(the feature axis is tracked through them), ``cat``/``expand``/``slice``/``select`` along other
+axes, a mean or sum over other axes (BEiT's mean over tokens, ConvNeXt's over H, W), scaling by a
+number — and stops at the **writers**: the ops whose output enters the stream and whose
 stored tensors can be edited:
 
 * a linear layer (``Linear``, GPT-2's Conv1D ``addmm``, Falcon's ``x @ W.T``) — its output
@@ -18,12 +19,18 @@ stored tensors can be edited:
 * anything else — a norm's output (BLOOM's embedding LayerNorm), a GELU (wav2vec2's positional
   conv), a model input — is a ``"centre"`` writer: an explicit ``x − mean(x)`` is inserted after
   it for the stream's users only. A stream value also read by a non-norm op is retried once as
-  such a cut (its sources left alone); a stream with as many cuts as norms is refused.
+  such a cut (its sources left alone).
+
+A stream that only such mean subtractions could centre (as many as its norms: ConvNeXt's norms
+read depthwise convs, wav2vec2's feature projection norm reads the conv features) is marked
+``explicit``: its writers become one subtraction at each norm's input — exact, but saving
+nothing. Not where the first walk found Post-LN blocks: cutting before each of their norms would
+convert a Post-LN model norm by norm.
 
 The values visited form the stream; the walks that share values are merged into one stream with
 networkx (connected components), so an encoder and a decoder, or two towers, are separate
-streams. Then every user of a stream value (or of a writer's output) must be inside the stream or
-a LayerNorm reading it over the feature axis; anything else — a model output, a post-norm branch
+streams. Then every live user of a stream value (or of a writer's output; a value nothing
+depends on is not read) must be inside the stream or a LayerNorm reading it over the feature axis; anything else — a model output, a post-norm branch
 reading the un-normalized sum, an RMSNorm, a pooling — is recorded as a problem of that stream.
 
 This is what ``ln-to-rmsnorm`` needs: subtracting the feature mean from every writer makes every

@@ -47,6 +47,10 @@ class ResidualStream:
     readers: tuple[Node, ...]  # LayerNorm nodes reading a stream value over its features
     features: int | None
     problems: tuple[str, ...]  # why centring the stream would change the model, if it would
+    # centred only by a mean subtraction at each norm's input (no stored tensor can do it): exact,
+    # but it saves nothing over the LayerNorms' own centring
+    explicit: bool = False
+    post_ln: bool = False  # a problem is the Post-LN pattern (the next branch reads the raw sum)
 
 
 # --------------------------------------------------------------------------- op classes
@@ -127,4 +131,9 @@ _VIEW = (
     {aten.view.default, aten.reshape.default, aten._unsafe_view.default},
     {torch.reshape},
     {"view", "reshape"},
+)
+_REDUCE = (
+    {aten.mean.dim, aten.sum.dim_IntList},
+    {torch.mean, torch.sum},
+    {"mean", "sum"},
 )

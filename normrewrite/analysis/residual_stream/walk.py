@@ -15,6 +15,7 @@ from normrewrite.core.ops.layers import matmul_linear_info
 from .ops import (
     _ADD,
     _IN_PLACE,
+    _REDUCE,
     _SCALE,
     _VIEW,
     StreamWriter,
@@ -242,6 +243,8 @@ class _Walk:
             r_in = rank + 1
             dim = _dim(int(node.args[1]), r_in)
             return [(node.args[0], axis if axis < dim else axis + 1)]
+        if _is(node, *_REDUCE):
+            return _reduced(node, axis, rank)
         return _indexing(node, axis, rank)
 
 
@@ -277,6 +280,24 @@ def _indexing(node: Node, axis: int, rank: int) -> list[tuple[Node, int]] | None
         if dim != axis and _constant_along(index, axis, rank):
             return [(src, axis)]
     return None
+
+
+def _reduced(node: Node, axis: int, rank: int) -> list[tuple[Node, int]] | None:
+    """A mean or sum over other axes than the features (BEiT's mean over tokens, ConvNeXt's over
+    H, W): linear per feature, so it commutes with centring; ``None`` (centre after it) if it
+    reduces the features too or its dims are unknown."""
+    src = node.args[0]
+    r_in = _rank(src)
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keep = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+    dims = [dims] if isinstance(dims, int) else dims
+    if not isinstance(src, Node) or r_in is None or not isinstance(dims, list | tuple) or not dims:
+        return None
+    dims = {_dim(int(d), r_in) for d in dims}
+    if keep:
+        return None if axis in dims else [(src, axis)]
+    kept = [d for d in range(r_in) if d not in dims]
+    return [(src, kept[axis])] if len(kept) == rank else None
 
 
 def _constant_along(index: object, axis: int, rank: int) -> bool:
