@@ -31,7 +31,7 @@ matches.
 
 Through layout ops. Flatten/reshape/view/squeeze/unsqueeze (row-major reinterpretations) and
 transpose/permute between the layer and the BN change no value, only where each element sits; the
-fold stays exact when every element keeps its channel on one axis (:mod:`.layout` tracks that axis
+fold stays exact when every element keeps its channel on one axis (:mod:`normrewrite.core.ops.layout` tracks that axis
 by shape): LeViT's Linear → ``flatten(0, 1)`` → BN1d → ``reshape_as``, PatchTST's Linear →
 ``transpose(1, 2)`` → BN1d → ``transpose(1, 2)``, and on the input side BN → ``flatten``/``view``/
 ``transpose`` → Linear (the channel must land on the Linear's features, possibly merged with inner
@@ -43,8 +43,9 @@ Numerics: the folded tensors are computed in float64 and cast back to the weight
 models fold without overflow (an fp16 ``running_var`` above 65504 would be ``inf``).
 
 Layout: :mod:`.math` (pure tensor math), :mod:`.conditions` (the preconditions as functions of
-plain values, for every graph form), :mod:`.fx` (the torch.fx matcher and surgery), :mod:`.layout` / :mod:`.fx_layout` /
-:mod:`.onnx_layout` (the channel axis through layout ops); the ONNX form is
+plain values, for every graph form), :mod:`.fx` (the torch.fx matcher and surgery), :mod:`.fx_layout` /
+:mod:`.onnx_layout` (the channel axis through layout ops; the shape math is
+:mod:`normrewrite.core.ops.layout`); the ONNX form is
 :mod:`normrewrite.passes.fold_bn.onnx`.
 """
 

@@ -26,12 +26,12 @@ from normrewrite.core.ops import (
     set_arg,
     set_bias,
 )
+from normrewrite.core.ops.layout import ChannelAxis
 from normrewrite.core.pass_infra import PassContext, Skip, TensorRecipe, compute_tensors
 from normrewrite.core.usage import TensorUsage
 
 from . import conditions
 from .fx_layout import LayoutOp, carry, chain_after, chain_before, shape_only_use
-from .layout import ChannelAxis
 from .math import Side, bn_affine, fold_input, fold_output
 
 Layer = ConvInfo | LinearInfo

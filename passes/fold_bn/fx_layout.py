@@ -1,5 +1,5 @@
 """Layout ops on torch.fx graphs (both flavours): which nodes only move or merge axes, and how a
-layer's channel axis crosses them (the shape math is :mod:`.layout`).
+layer's channel axis crosses them (the shape math is :mod:`normrewrite.core.ops.layout`).
 
 symbolic_trace spells them as ``call_method`` (``x.flatten(0, 1)``, ``x.transpose(1, 2)``), torch
 functions or modules (``nn.Flatten``); torch.export as ATen ops (``aten.view``, ``aten.reshape``,
@@ -17,8 +17,12 @@ from torch.fx import GraphModule, Node
 
 from normrewrite.core.graph import node_shape
 from normrewrite.core.ops import called_module
-
-from .layout import ChannelAxis, through_permute, through_reshape, transpose_perm
+from normrewrite.core.ops.layout import (
+    ChannelAxis,
+    through_permute,
+    through_reshape,
+    transpose_perm,
+)
 
 aten = torch.ops.aten
 

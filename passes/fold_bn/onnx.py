@@ -37,6 +37,7 @@ from normrewrite.core.onnx_graph import (
     set_initializer,
 )
 from normrewrite.core.onnx_pass import OnnxPass, OnnxPassResult
+from normrewrite.core.ops.layout import ChannelAxis
 from normrewrite.core.pass_infra import Change, Skip
 from normrewrite.errors import UsageError
 
@@ -51,7 +52,6 @@ from .conditions import (
     uses_batch_statistics,
     zero_padded_after,
 )
-from .layout import ChannelAxis
 from .math import bn_affine, fold_input, fold_output
 from .onnx_layout import carry, chain_after, chain_before, channel_problem, describe, shared_output
 from .options import FoldBatchNormOptions

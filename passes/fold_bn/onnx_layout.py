@@ -1,15 +1,15 @@
 """Layout ops on ONNX graphs: ``Reshape``, ``Flatten``, ``Squeeze``, ``Unsqueeze``, ``Identity``
 (row-major reinterpretations, judged from the inferred shapes) and ``Transpose`` (its ``perm``),
-and how a layer's channel axis crosses them (the shape math is :mod:`.layout`)."""
+and how a layer's channel axis crosses them (the shape math is :mod:`normrewrite.core.ops.layout`)."""
 
 from __future__ import annotations
 
 import onnx_ir as ir
 
 from normrewrite.core.onnx_graph import is_graph_output
+from normrewrite.core.ops.layout import ChannelAxis, Dim, through_permute, through_reshape
 
 from .conditions import channel_mixed_by, channel_moved_by, output_features_not_channels
-from .layout import ChannelAxis, Dim, through_permute, through_reshape
 
 _RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
 

@@ -1,4 +1,4 @@
-"""fold-bn through layout ops (passes/fold_bn/layout.py, fx_layout.py, onnx_layout.py): a BN folds
+"""fold-bn through layout ops (normrewrite/core/ops/layout.py, fx_layout.py, onnx_layout.py): a BN folds
 into the Linear/conv whose channels it normalizes when flatten/reshape/transpose/permute between
 them only move or merge other axes, on both fx flavours and ONNX; the channel-mixing cases are
 refused with a reason naming the op. Real models: LeViT (Linear → flatten(0,1) → BN1d →
@@ -26,8 +26,8 @@ from torch import nn
 from normrewrite.core.graph import count_ops
 from normrewrite.core.onnx_graph import model_bytes
 from normrewrite.core.ops import norms
+from normrewrite.core.ops.layout import ChannelAxis, through_reshape
 from normrewrite.passes import FoldBatchNorm
-from normrewrite.passes.fold_bn.layout import ChannelAxis, through_reshape
 from normrewrite.passes.fold_bn.onnx import OnnxFoldBatchNorm
 from normrewrite.trace import trace
 from normrewrite.verify.onnxruntime import session

@@ -1,4 +1,5 @@
-"""Where a layer's channels are after layout ops: pure functions of shapes, for every graph form.
+"""Where a layer's channels (or a stream's features) are after layout ops: pure functions of
+shapes, for every graph form (fold-bn, the residual-stream walk).
 
 A fold through ``flatten``/``reshape``/``view``/``transpose``/``permute`` is exact when those ops only
 move or merge *other* axes: every element keeps its channel, and the channel is read off one axis
