@@ -12,6 +12,7 @@ from normrewrite.core.graph import get_tensor, node_shape, users
 from normrewrite.core.ops import conv_info, dense_info
 from normrewrite.core.ops.layers import matmul_linear_info
 
+from .layout import layout_sources
 from .ops import (
     _ADD,
     _IN_PLACE,
@@ -196,53 +197,12 @@ class _Walk:
                 and node.target in (aten.mul.Tensor, operator.mul)
             ):
                 return [(b, axis)]
-        if _is(node, *_VIEW):
-            src = node.args[0]
-            src_shape = node_shape(src)
-            if axis == rank - 1 and src_shape and src_shape[-1] == shape[-1]:
-                return [(src, len(src_shape) - 1)]
-            fail(node, f"{node.name} reshapes the feature dim")
+        moved = layout_sources(node, axis, rank)
+        if isinstance(moved, str):
+            fail(node, moved)
             return []
-        if _is(node, {aten.transpose.int}, {torch.transpose}, {"transpose"}):
-            src = node.args[0]
-            d0, d1 = (_dim(int(d), rank) for d in node.args[1:3])
-            return [(src, d1 if axis == d0 else d0 if axis == d1 else axis)]
-        if _is(node, {aten.permute.default}, {torch.permute}, set()):
-            return [(node.args[0], _dim(int(node.args[1][axis]), rank))]
-        if _is(node, {aten.flatten.using_ints}, {torch.flatten}, {"flatten"}):
-            src = node.args[0]
-            r_in = _rank(src) or 0
-            start = _dim(int(node.args[1]) if len(node.args) > 1 else 0, r_in)
-            end = _dim(int(node.args[2]) if len(node.args) > 2 else -1, r_in)
-            if axis < start or (axis == start and end == start):
-                return [(src, axis)]
-            if axis > start:
-                return [(src, axis + end - start)]
-            fail(node, f"{node.name} flattens the feature dim with others")
-            return []
-        if _is(node, {aten.cat.default}, {torch.cat}, set()):
-            dim = _dim(int(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)), rank)
-            if dim == axis:
-                fail(node, f"{node.name} concatenates along the features")
-                return []
-            return [(t, axis) for t in node.args[0]]
-        if _is(node, {aten.expand.default}, set(), {"expand"}):
-            src = node.args[0]
-            r = _rank(src) or 0
-            ax = axis - (rank - r)
-            s_shape = node_shape(src)
-            if ax < 0 or not s_shape or s_shape[ax] != shape[axis]:
-                fail(node, f"{node.name} broadcasts across the features")
-                return []
-            return [(src, ax)]
-        if _is(node, {aten.slice.Tensor}, set(), set()):
-            dim = _dim(int(node.args[1]) if len(node.args) > 1 else 0, rank)
-            if dim != axis:
-                return [(node.args[0], axis)]
-        if _is(node, {aten.select.int}, set(), set()):
-            r_in = rank + 1
-            dim = _dim(int(node.args[1]), r_in)
-            return [(node.args[0], axis if axis < dim else axis + 1)]
+        if moved is not None:
+            return moved
         if _is(node, *_REDUCE):
             return _reduced(node, axis, rank)
         return _indexing(node, axis, rank)
