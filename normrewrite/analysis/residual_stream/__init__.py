@@ -2,9 +2,9 @@
 
 Starting from the input of every LayerNorm over the last dim, the analysis walks the data-flow
 graph backwards through ops that act on each feature vector linearly and independently — residual
-adds, dropout (eval), no-op casts, reshapes that keep the feature dim, transposes/permutes/flatten
-(the feature axis is tracked through them), ``cat``/``expand``/``slice``/``select`` along other
-axes, a mean or sum over other axes (BEiT's mean over tokens, ConvNeXt's over H, W), scaling by a
+adds, dropout (eval), no-op casts, reshapes/flattens that keep each feature vector whole (a conv
+layout's ``(N, C, H, W) → (N, C, H·W)``), transposes/permutes, ``cat``/``expand``/``slice``/``select``
+along other axes, interpolation over spatial axes (:mod:`.layout` tracks the feature axis), a mean or sum over other axes (BEiT's mean over tokens, ConvNeXt's over H, W), scaling by a
 number — and stops at the **writers**: the ops whose output enters the stream and whose
 stored tensors can be edited:
 
