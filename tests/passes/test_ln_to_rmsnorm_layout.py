@@ -5,13 +5,19 @@ writer surgery can centre exactly)."""
 
 from __future__ import annotations
 
+import copy
+
 import models
 import torch
 import torch.nn.functional as F
 from test_ln_to_rmsnorm_coverage import VISION, _count, _no_saving, _run
 from torch import nn
 
+from normrewrite.analysis.norms import find_norms
 from normrewrite.core.graph import get_tensor
+from normrewrite.passes.ln_to_rmsnorm import LnToRmsNorm
+from normrewrite.trace import trace
+from normrewrite.verify import compare, tensor_leaves
 
 aten = torch.ops.aten
 C = 32
@@ -165,6 +171,24 @@ def test_position_table_through_interpolation() -> None:
     for fqn in ("pos", "cls"):
         assert get_tensor(run.gm, fqn).double().mean(-1).abs().max() < 1e-6
     assert run.err <= 1e-5
+
+
+def test_position_table_fx_flavour() -> None:
+    """The same model traced by torch.fx: ``pos[:, 0][:, None]`` is two getitems (an int pick, a
+    ``None`` for the new axis), walked through to the table too."""
+    model = models.randomize_norms(InterpolatedTable()).eval()
+    x = models.pixels()
+    with torch.no_grad():
+        ref = tensor_leaves(copy.deepcopy(model).double()(x.double()))
+    gm = trace(model, (x,), "fx").graph_module
+    layernorms = lambda: sum(n.kind == "layernorm" for n in find_norms(gm))  # noqa: E731
+    assert layernorms() == 3
+    result = LnToRmsNorm()(gm)
+    assert not result.skipped and not result.notes
+    assert layernorms() == 0 and _count(gm, F.rms_norm) == 3
+    assert get_tensor(gm, "pos").double().mean(-1).abs().max() < 1e-6
+    with torch.no_grad():
+        assert compare(ref, tensor_leaves(gm(x))).max_rel_err <= 1e-5
 
 
 def test_yolos_interpolated_position_tables() -> None:

@@ -148,3 +148,30 @@ def _cat(node: Node, axis: int, rank: int) -> Sources | str | None:
     if not isinstance(parts, list | tuple) or not all(isinstance(t, Node) for t in parts):
         return f"{node.name} concatenates a constant into the stream"
     return [(t, axis) for t in parts]
+
+
+def getitem_axis(idx: tuple[object, ...], r_in: int, axis: int) -> int | None:
+    """The source axis of output axis ``axis`` of ``x[idx]`` under basic indexing (ints, slices,
+    ``None``, ``...``; no tensors), if it is a whole source axis (a full slice or not indexed);
+    YOLOS's ``pos[:, 0][:, None]`` keeps the features, ``x[..., :k]`` does not."""
+    if any(isinstance(i, Node) for i in idx) or sum(i is Ellipsis for i in idx) > 1:
+        return None
+    consumed = sum(i is not None and i is not Ellipsis for i in idx)
+    if consumed > r_in:
+        return None
+    items: list[object] = []
+    for i in idx:
+        items += [slice(None)] * (r_in - consumed) if i is Ellipsis else [i]
+    items += [slice(None)] * (r_in - sum(i is not None for i in items))
+    d_in = d_out = 0
+    for i in items:
+        if i is None or isinstance(i, slice):
+            if d_out == axis:
+                return d_in if i == slice(None) else None
+            d_out += 1
+            d_in += i is not None
+        elif isinstance(i, int):
+            d_in += 1
+        else:
+            return None
+    return None

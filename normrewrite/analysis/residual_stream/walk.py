@@ -12,7 +12,7 @@ from normrewrite.core.graph import get_tensor, node_shape, users
 from normrewrite.core.ops import conv_info, dense_info
 from normrewrite.core.ops.layers import matmul_linear_info
 
-from .layout import layout_sources
+from .layout import getitem_axis, layout_sources
 from .ops import (
     _ADD,
     _IN_PLACE,
@@ -231,10 +231,13 @@ def _indexing(node: Node, axis: int, rank: int) -> list[tuple[Node, int]] | None
     last = axis == rank - 1
     if last and _is(node, {aten.index.Tensor}, set(), set()):
         return [(src, r_in - 1)] if len(node.args[1]) < r_in else None
-    if last and node.op == "call_function" and node.target is operator.getitem:
+    if node.op == "call_function" and node.target is operator.getitem:
         idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if not any(isinstance(i, Node) for i in idx):
+            ax = getitem_axis(idx, r_in, axis)
+            return [(src, ax)] if ax is not None else None
         plain = all(isinstance(i, slice | int | Node) for i in idx)  # no None / Ellipsis
-        return [(src, r_in - 1)] if plain and len(idx) < r_in else None
+        return [(src, r_in - 1)] if last and plain and len(idx) < r_in else None
     if _is(node, {aten.gather.default}, {torch.gather}, {"gather"}) and len(node.args) >= 3:
         dim, index = _dim(int(node.args[1]), rank), node.args[2]
         if dim != axis and _constant_along(index, axis, rank):
