@@ -96,17 +96,15 @@ def layout_sources(node: Node, axis: int, rank: int) -> Sources | str | None:
             ax = reshaped_axis(src_shape, shape, axis)
             if ax is not None:
                 return [(src, ax)]
-        verb = (
-            "flattens the feature dim with others"
-            if "flatten" in str(node.target)
-            else ("reshapes the feature dim")
-        )
+        flattens = "flatten" in str(node.target)
+        verb = "flattens the feature dim with others" if flattens else "reshapes the feature dim"
         return f"{node.name} {verb}"
     if _is(node, {aten.transpose.int}, {torch.transpose}, {"transpose"}):
         d0, d1 = (_dim(int(d), rank) for d in node.args[1:3])
         return [(src, d1 if axis == d0 else d0 if axis == d1 else axis)]
-    if _is(node, {aten.permute.default}, {torch.permute}, set()):
-        return [(src, _dim(int(node.args[1][axis]), rank))]
+    if _is(node, {aten.permute.default}, {torch.permute}, {"permute"}):
+        perm = node.args[1] if isinstance(node.args[1], list | tuple) else node.args[1:]
+        return [(src, _dim(int(perm[axis]), rank))]
     if _is(node, {aten.expand.default}, set(), {"expand"}):
         ax = axis - (rank - (_rank(src) or 0))
         if ax < 0 or not src_shape or shape is None or src_shape[ax] != shape[axis]:
@@ -133,8 +131,9 @@ def _flatten_axis(node: Node, axis: int) -> int | None:
     r_in = _rank(node.args[0])
     if r_in is None:
         return None
-    start = _dim(int(node.args[1]) if len(node.args) > 1 else 0, r_in)
-    end = _dim(int(node.args[2]) if len(node.args) > 2 else -1, r_in)
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+    start, end = _dim(int(start), r_in), _dim(int(end), r_in)  # type: ignore[arg-type]
     if axis < start or (axis == start and end == start):
         return axis
     return axis + end - start if axis > start else None
