@@ -8,10 +8,8 @@ from normrewrite.core.pass_infra import NamedPass, PassRegistry
 from .apply_weight_norm import ApplyWeightNorm
 from .fix_export import FixExport
 from .fold_bn import FoldBatchNorm
-from .fold_bn.onnx import OnnxFoldBatchNorm
 from .fold_norm_affine import FoldNormAffine
 from .fuse_norm import FuseNorm
-from .fuse_norm.onnx import OnnxFuseNorm
 from .ln_to_rmsnorm import LnToRmsNorm
 from .post_to_pre import PostToPre, PreToPost
 from .recalibrate_bn import RecalibrateBatchNorm
@@ -36,7 +34,9 @@ REGISTRY = PassRegistry(
 
 # A rewrite is registered once, with its forms: the ONNX form of a pass (its ``onnx_form``, in the
 # same home) answers to the same name, so `-p fold-bn` on an .onnx input runs OnnxFoldBatchNorm.
-ONNX_REGISTRY = PassRegistry([p.onnx_form for p in REGISTRY if p.onnx_form is not None])
+# The forms are imported on first use (they import onnx_ir/onnxscript): a torch-only conversion
+# never loads them.
+ONNX_REGISTRY = PassRegistry(lazy={p.name: p.onnx_form for p in REGISTRY if p.onnx_form})
 
 # the ONNX passes every exported torch program gets: the norms the exporter writes as ReduceMean
 # chains become one fused node
@@ -46,6 +46,7 @@ NORM_FUSIONS = ("fuse-norm",)
 def norm_fusions() -> list[NamedPass]:
     """Fresh instances of the :data:`NORM_FUSIONS` passes, for one ONNX output."""
     return [ONNX_REGISTRY.create(name) for name in NORM_FUSIONS]
+
 
 __all__ = [
     "NORM_FUSIONS",
@@ -57,8 +58,6 @@ __all__ = [
     "FoldNormAffine",
     "FuseNorm",
     "LnToRmsNorm",
-    "OnnxFoldBatchNorm",
-    "OnnxFuseNorm",
     "PostToPre",
     "PreToPost",
     "RecalibrateBatchNorm",

@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import normrewrite.passes as passes_pkg
@@ -54,7 +57,9 @@ def test_every_pass_home_registers_exactly_the_passes_it_defines() -> None:
         mine = {c for c in all_registered if c.__module__ == module.__name__}
         assert mine == defined, f"passes/{stem}: defined {defined}, registered {mine}"
     # and nothing registered comes from outside passes/
-    home_of = {c: c.__module__.removeprefix("normrewrite.passes.").split(".")[0] for c in all_registered}
+    home_of = {
+        c: c.__module__.removeprefix("normrewrite.passes.").split(".")[0] for c in all_registered
+    }
     assert set(home_of.values()) <= set(homes)
 
 
@@ -91,3 +96,28 @@ def test_registry_rejects_duplicates_and_unknown_names() -> None:
     p = FoldBatchNorm(shared="clone")
     assert REGISTRY.create(p) is p
     assert REGISTRY.create("fold-bn:shared=clone").options.shared == "clone"
+
+
+def test_onnx_forms_load_only_when_an_onnx_model_needs_them(tmp_path: Path) -> None:
+    """A .pt2 conversion never imports onnx/onnx_ir/onnxscript (the ONNX pass forms are registered
+    as "module:Class" and imported on first lookup); looking one up imports it."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from normrewrite.cli import main
+        main(["convert", "{ROOT / "examples" / "tiny_cnn.py"}:build", "-p", "fold-bn", "-q",
+              "-o", "{tmp_path / "m.pt2"}"], standalone_mode=False)
+        onnx = sorted({{m.split(".")[0] for m in sys.modules}} & {{"onnx", "onnx_ir", "onnxscript"}})
+        print("after pt2:", onnx)
+        from normrewrite.passes import ONNX_REGISTRY
+        print("fold-bn" in ONNX_REGISTRY, "onnx_ir" in sys.modules)
+        print(ONNX_REGISTRY.get("fold-bn").__name__, "onnx_ir" in sys.modules)
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.splitlines()[-3:] == [
+        "after pt2: []",
+        "True False",
+        "OnnxFoldBatchNorm True",
+    ]
+    assert (tmp_path / "m.pt2").is_file()

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import pkgutil
 import time
 import types
 import typing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
@@ -208,8 +209,9 @@ class NamedPass:
     summary: ClassVar[str]
     exact: ClassVar[bool] = True
     Options: ClassVar[type] = NoOptions
-    # the same rewrite for ONNX models, registered under the same name (see normrewrite.passes)
-    onnx_form: ClassVar[type[NamedPass] | None] = None
+    # the same rewrite for ONNX models, registered under the same name (see normrewrite.passes),
+    # as "module:Class": imported only when an ONNX model needs it (it imports onnx_ir/onnxscript)
+    onnx_form: ClassVar[str | None] = None
 
     def __init__(self, options: Any | None = None, **kwargs: Any) -> None:
         if options is not None and kwargs:
@@ -284,6 +286,7 @@ class Pass(NamedPass):
         self.ensures(result)
         return result
 
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -292,31 +295,41 @@ P = TypeVar("P", bound=NamedPass)
 
 class PassRegistry(Generic[P]):
     """Name → pass class, built from explicit imports (see ``normrewrite.passes``); one registry
-    per graph form (torch passes, ONNX passes)."""
+    per graph form (torch passes, ONNX passes). ``lazy`` registers passes by name as
+    ``"module:Class"`` (:func:`pkgutil.resolve_name`), imported when first looked up or iterated:
+    the ONNX forms import onnx_ir/onnxscript, which a torch-only conversion never needs."""
 
-    def __init__(self, passes: Sequence[type[P]]) -> None:
-        self._by_name: dict[str, type[P]] = {}
-        for p in passes:
-            if p.name in self._by_name:
-                raise ValueError(f"two passes named {p.name}")
-            self._by_name[p.name] = p
+    def __init__(
+        self, passes: Sequence[type[P]] = (), *, lazy: Mapping[str, str] | None = None
+    ) -> None:
+        self._by_name: dict[str, type[P] | str] = {}
+        for name, entry in [*((p.name, p) for p in passes), *(lazy or {}).items()]:
+            if name in self._by_name:
+                raise ValueError(f"two passes named {name}")
+            self._by_name[name] = entry
 
     def __contains__(self, name: str) -> bool:
         return name in self._by_name
 
     def __iter__(self) -> Iterator[type[P]]:
-        return iter(self._by_name.values())
+        return iter([self.get(name) for name in self._by_name])
 
     def names(self) -> list[str]:
         return list(self._by_name)
 
     def get(self, name: str) -> type[P]:
         try:
-            return self._by_name[name]
+            entry = self._by_name[name]
         except KeyError:
             raise UsageError(
                 f"unknown pass {name!r} (available: {', '.join(self._by_name)})"
             ) from None
+        if isinstance(entry, str):
+            entry = pkgutil.resolve_name(entry)
+            if entry.name != name:
+                raise ValueError(f"{self._by_name[name]} is named {entry.name!r}, not {name!r}")
+            self._by_name[name] = entry
+        return entry
 
     def create(self, spec: str | P) -> P:
         if not isinstance(spec, str):

@@ -60,7 +60,6 @@ from normrewrite.core.usage import TensorUsage
 from . import fx
 from .fx import FoldMatch
 from .math import Side, bn_affine, fold_input, fold_output
-from .onnx import OnnxFoldBatchNorm
 from .options import FoldBatchNormOptions
 
 
@@ -92,7 +91,7 @@ class FoldBatchNorm(RewritePass):
     summary = "fold eval-mode BatchNorm into the adjacent conv/linear weights (exact)"
     exact = True
     Options = FoldBatchNormOptions
-    onnx_form = OnnxFoldBatchNorm
+    onnx_form = "normrewrite.passes.fold_bn.onnx:OnnxFoldBatchNorm"
 
     def rewriter(self, gm: GraphModule, ctx: PassContext) -> _Fold:
         return _Fold(gm, ctx, self.options.shared)

@@ -45,7 +45,6 @@ from normrewrite.core.rewrite import Rewrite, RewritePass
 
 from . import fx
 from .fx import NormPattern
-from .onnx import OnnxFuseNorm
 
 
 class _Fuse(Rewrite[NormPattern]):
@@ -64,7 +63,7 @@ class FuseNorm(RewritePass):
     name = "fuse-norm"
     summary = "replace RMSNorm/LayerNorm written out as elementwise ops by one fused op (exact)"
     exact = True
-    onnx_form = OnnxFuseNorm
+    onnx_form = "normrewrite.passes.fuse_norm.onnx:OnnxFuseNorm"
 
     def rewriter(self, gm: GraphModule, ctx: PassContext) -> _Fuse:
         return _Fuse(gm, ctx)
