@@ -226,7 +226,7 @@ class _Walk:
                 fail(node, f"{node.name} concatenates along the features")
                 return []
             return [(t, axis) for t in node.args[0]]
-        if _is(node, {aten.expand.default}, set(), {"expand"}):
+        if _is(node, {aten.expand.default, aten.expand_as.default}, set(), {"expand", "expand_as"}):
             src = node.args[0]
             r = _rank(src) or 0
             ax = axis - (rank - r)
