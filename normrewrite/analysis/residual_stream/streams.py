@@ -126,7 +126,7 @@ def _walk(
             writers.append(replace(w, uses=tuple(uses)))
         start = next((w.node for w in writers if w.node in lns), None)
 
-        stored = [w.node for w in writers if w.kind != "centre"]
+        stored = [w.node for w in writers if w.kind not in ("centre", "shift")]
         for v in [*sorted(values, key=order.__getitem__), *stored]:
             for u in users(v, live):
                 if u in values or (u in readers and inputs[u] is v):
