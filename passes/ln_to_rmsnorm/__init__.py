@@ -32,6 +32,14 @@ stream; a stream that fails one keeps its LayerNorms and the report gives the re
   original table);
 * the RMSNorm keeps the LayerNorm's ε (it is the same ``mean(x²) + ε`` once the mean is zero).
 
+A value the same for every feature added to the stream (``x + 0``, the start of MusicGen's
+``sum()`` over codebook embeddings; any ``x ± c`` with ``c`` of size 1 along the features) is
+centred to zero: the add is replaced by ``x`` (exact because only LayerNorms, which ignore a
+shift, read the stream; a nonzero ``c`` dropped is noted). LayerNorms written out as arithmetic
+(Cohere) are fused first with fuse-norm's rewrite where their stream converts — decided on a copy
+of the graph with all of them fused (:mod:`.written`), so ``explain`` and ``call`` agree; the
+others (Post-LN) stay as written and are refused with the copy's reason.
+
 The rewrite is exact in real arithmetic; in floating point the stream's mean is zero only up to
 rounding, so outputs agree to ~1e-6 relative (fp32).
 """

@@ -59,26 +59,24 @@ class Analysis:
 
 def analyse(gm: GraphModule, untie: bool) -> Analysis:
     """The streams and plans of ``gm``, seen with its written-out LayerNorms fused."""
-    candidates = [n for n in gm.graph.nodes if _is_layernorm(gm, n)]
-    if not candidates:
+    found = {
+        n: m
+        for n in gm.graph.nodes
+        if isinstance(m := match(gm, n), NormPattern) and m.kind is NormKind.LAYERNORM
+    }
+    if not found:
         streams = residual_streams(gm)
         return Analysis(gm, streams, plan_all(gm, streams, untie))
     graph, copies = Graph(), {}
     graph.output(graph.graph_copy(gm.graph, copies))
     copy = GraphModule(gm, graph)
-    written = {}
-    for n in candidates:
+    written: dict[Node, tuple[Node, str]] = {}
+    for n, original in found.items():
         m = match(copy, copies[n])
-        assert isinstance(m, NormPattern)  # matched on the original, disjoint from the others
-        name = m.out.name
-        written[fuse(copy, m)] = (n, name)
+        assert isinstance(m, NormPattern)  # as on the original: the norms share no node
+        written[fuse(copy, m)] = (n, original.out.name)
     streams = residual_streams(copy)
     return Analysis(copy, streams, plan_all(copy, streams, untie), written)
-
-
-def _is_layernorm(gm: GraphModule, n: Node) -> bool:
-    m = match(gm, n)
-    return isinstance(m, NormPattern) and m.kind is NormKind.LAYERNORM
 
 
 def fuse_chosen(gm: GraphModule, nodes: list[Node]) -> list[str]:

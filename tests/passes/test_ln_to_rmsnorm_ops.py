@@ -45,6 +45,7 @@ def _run(model: nn.Module, x: torch.Tensor, tracer: str = "export") -> Run:
     before = _kinds(gm, "layernorm")
     explained = LnToRmsNorm().explain(gm, PassContext())
     claimed = sum(v.startswith("convertible") for v in explained.values())
+    assert set(explained) <= {n.name for n in gm.graph.nodes}  # inspect finds them by name
     result = LnToRmsNorm()(gm)
     with torch.no_grad():
         err = compare(ref, tensor_leaves(gm(x))).max_rel_err
