@@ -23,9 +23,8 @@ class StreamWriter:
     with the dim that indexes the stream's features."""
 
     node: Node
-    kind: (
-        str  # "linear" | "conv" | "embedding" | "constant" | "scaled" | "centre" | "part" | "shift"
-    )
+    # "linear" | "conv" | "embedding" | "constant" | "scaled" | "centre" | "part" | "shift"
+    kind: str
     tensors: tuple[tuple[str, int], ...]
     scale: str | None = None  # "scaled": the layer scale λ (D,) of ``λ ⊙ linear(x)``, to fold in
     scaled: Node | None = None  # "scaled": the value λ multiplies (the linear's output)
