@@ -25,13 +25,14 @@ from normrewrite.core.ops import (
     pad_info,
     set_arg,
     set_bias,
+    shape_only_use,
 )
 from normrewrite.core.ops.layout import ChannelAxis
 from normrewrite.core.pass_infra import PassContext, Skip, TensorRecipe, compute_tensors
 from normrewrite.core.usage import TensorUsage
 
 from . import conditions
-from .fx_layout import LayoutOp, carry, chain_after, chain_before, shape_only_use
+from .fx_layout import LayoutOp, carry, chain_after, chain_before
 from .math import Side, bn_affine, fold_input, fold_output
 
 Layer = ConvInfo | LinearInfo

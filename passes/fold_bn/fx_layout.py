@@ -58,8 +58,6 @@ _RESHAPE_FUNCS = {
     aten.reshape_as.default,
     aten.view_as.default,
 }
-_SHAPE_READS = {"size", "dim", aten.sym_size.int, aten.sym_numel.default, aten.dim.default}
-_AS = {"reshape_as", "view_as", "expand_as", aten.reshape_as.default, aten.view_as.default}
 _TRANSPOSE = {"transpose", "swapaxes", torch.transpose, torch.swapaxes, aten.transpose.int}
 _PERMUTE = {"permute", torch.permute, aten.permute.default}
 _T = {"t", torch.t, aten.t.default}
@@ -141,19 +139,6 @@ def layout_op(gm: GraphModule, node: object) -> LayoutOp | None:
     return LayoutOp(node, src, tuple(perm))
 
 
-def shape_only_use(user: Node, node: Node) -> bool:
-    """``user`` reads only the shape of ``node`` (``x.shape``, ``x.size()``, the template of
-    ``y.reshape_as(x)``)."""
-    if user.op not in ("call_function", "call_method"):
-        return False
-    t = user.target
-    if user.op == "call_function" and t is getattr:
-        return user.args[1:] == ("shape",)
-    if t in _SHAPE_READS:
-        return True
-    return t in _AS and user.args[0] is not node and node not in user.kwargs.values()
-
-
 def chain_before(gm: GraphModule, node: object) -> tuple[object, list[LayoutOp]]:
     """Walk back from ``node`` through layout ops: (the first non-layout producer, the ops in
     program order)."""
@@ -186,4 +171,4 @@ def carry(ch: ChannelAxis, ops: list[LayoutOp]) -> tuple[ChannelAxis | None, Lay
     return ch, None
 
 
-__all__ = ["LayoutOp", "carry", "chain_after", "chain_before", "layout_op", "shape_only_use"]
+__all__ = ["LayoutOp", "carry", "chain_after", "chain_before", "layout_op"]

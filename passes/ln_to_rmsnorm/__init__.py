@@ -32,6 +32,14 @@ stream; a stream that fails one keeps its LayerNorms and the report gives the re
   original table);
 * the RMSNorm keeps the LayerNorm's ε (it is the same ``mean(x²) + ε`` once the mean is zero).
 
+A value the same for every feature added to the stream (``x + 0``, the start of MusicGen's
+``sum()`` over codebook embeddings; any ``x ± c`` with ``c`` of size 1 along the features) is
+centred to zero: the add is replaced by ``x`` (exact because only LayerNorms, which ignore a
+shift, read the stream; a nonzero ``c`` dropped is noted). LayerNorms written out as arithmetic
+(Cohere) are fused first with fuse-norm's rewrite where their stream converts — decided on a copy
+of the graph with all of them fused (:mod:`.written`), so ``explain`` and ``call`` agree; the
+others (Post-LN) stay as written and are refused with the copy's reason.
+
 The rewrite is exact in real arithmetic; in floating point the stream's mean is zero only up to
 rounding, so outputs agree to ~1e-6 relative (fp32).
 """
@@ -42,8 +50,12 @@ from dataclasses import dataclass
 
 from torch.fx import GraphModule, Node
 
-from normrewrite.analysis.norms import Norm, find_norms
-from normrewrite.analysis.residual_stream import ResidualStream, StreamWriter, residual_streams
+from normrewrite.analysis.residual_stream import (
+    ResidualStream,
+    StreamWriter,
+    residual_streams,
+    shifted_by,
+)
 from normrewrite.core.graph import node_label
 from normrewrite.core.ops import NormInfo, norm_info
 from normrewrite.core.pass_infra import Change, Pass, PassContext, PassResult, Skip
@@ -53,22 +65,34 @@ from ..fold_norm_affine import AffineFold, fold_into_layers
 from ..fold_norm_affine import match as match_affine
 from .plan import plan_all
 from .rewrite import recentre, to_rmsnorm, unit_weight
+from .written import analyse, fuse_chosen
 
 # --------------------------------------------------------------------------- pass
 
 
 def _centres(stream: ResidualStream) -> str:
     n = sum(w.kind == "centre" for w in stream.writers)
+    shifts = sum(w.kind == "shift" for w in stream.writers)
     subtractions = f"{n} explicit mean subtraction{'s' if n > 1 else ''}"
     if stream.explicit:
         saving = " (no saving)" if n >= len(stream.readers) else ""
         return f"only by {subtractions} at its norms' inputs{saving}"
     inserted = f" ({subtractions} inserted)" if n else ""
-    return f"stream written by {len(stream.writers)} ops{inserted}"
+    dropped = f" ({shifts} added constant(s) dropped)" if shifts else ""
+    return f"stream written by {len(stream.writers) - shifts} ops{inserted}{dropped}"
 
 
 def _note(stream: ResidualStream, w: StreamWriter) -> str:
-    """What an inserted mean subtraction costs, and whether it saves anything."""
+    """What an inserted mean subtraction costs, and whether it saves anything; which nonzero
+    constant a "shift" writer added (dropped: the centred stream does not carry it)."""
+    if w.kind == "shift":
+        c = shifted_by(w)
+        return (
+            f"ln-to-rmsnorm: dropped {c}, added to every feature of the stream by {w.label} "
+            "(centring removes it; only LayerNorms read the stream)"
+            if c
+            else ""
+        )
     cost = f"(2 ops: mean, sub over {stream.features} features per position)"
     if not stream.explicit:
         return (
@@ -110,28 +134,47 @@ class LnToRmsNorm(Pass):
         skipped: list[Skip] = []
         notes: list[str] = []
         done: list[tuple[ResidualStream, int]] = []
+        seen = analyse(gm, self.options.untie)
+        if seen.written:  # written-out LayerNorms: fuse those whose stream converts, then plan
+            fused = fuse_chosen(gm, seen.to_fuse())
+            skipped += seen.refused()
+            if fused:
+                notes.append(
+                    f"ln-to-rmsnorm: fused {len(fused)} written-out LayerNorm"
+                    f"{'s' if len(fused) > 1 else ''} first (fuse-norm's rewrite): "
+                    + ", ".join(fused)
+                )
+            streams = residual_streams(gm)
+            plans = plan_all(gm, streams, self.options.untie)
+        else:
+            streams, plans = seen.streams, seen.plans
         # every stream is centred before any norm is replaced: a stream may start at the output
         # of a norm that reads another stream
         centred: set[str] = set()  # a tensor writing several streams is centred once
-        streams = residual_streams(gm)
-        for stream, found in zip(streams, plan_all(gm, streams, self.options.untie), strict=True):
+        for stream, found in zip(streams, plans, strict=True):
             if isinstance(found, tuple):
                 skipped += found
                 continue
             n = recentre(gm, ctx, found, centred)
-            notes += [_note(stream, w) for w in stream.writers if w.kind == "centre"]
+            notes += [
+                note
+                for w in stream.writers
+                if w.kind in ("centre", "shift") and (note := _note(stream, w))
+            ]
             untied = f"; untied {', '.join(found.untie)}" if found.untie else ""
             done.append((stream, len(changes)))
+            writers = [w for w in stream.writers if w.kind != "shift"]
+            shifts = len(stream.writers) - len(writers)
+            dropped = f"; dropped {shifts} constant(s) added to the stream" if shifts else ""
             what = (
                 f"inserted {len(stream.writers)} mean subtraction(s) at the norms' inputs"
                 if stream.explicit
-                else f"re-centred {n} tensors of {len(stream.writers)} stream writers{untied}"
+                else f"re-centred {n} tensors of {len(writers)} stream writers{untied}{dropped}"
             )
-            changes.append(Change(", ".join(w.label for w in stream.writers), what))
+            changes.append(Change(", ".join(w.label for w in writers), what))
         for stream, at in reversed(done):
             converted = [self._convert(gm, ctx, ln) for ln in stream.readers]
             changes[at + 1 : at + 1] = converted
-        skipped += [Skip(n.label, WRITTEN_OUT) for n in _written_layernorms(gm)]
         return PassResult(gm, bool(changes), changes, skipped, notes)
 
     def _convert(self, gm: GraphModule, ctx: PassContext, ln: Node) -> Change:
@@ -161,25 +204,16 @@ class LnToRmsNorm(Pass):
 
     def explain(self, gm: GraphModule, ctx: PassContext) -> dict[str, str]:
         out: dict[str, str] = {}
-        streams = residual_streams(gm)
-        for stream, found in zip(streams, plan_all(gm, streams, self.options.untie), strict=True):
+        seen = analyse(gm, self.options.untie)
+        for stream, found in zip(seen.streams, seen.plans, strict=True):
             for ln in stream.readers:
-                out[ln.name] = (
+                fused = " (written out: fused first)" if ln in seen.written else ""
+                out[seen.name(ln)] = (
                     f"not convertible: {found[0].reason}"
                     if isinstance(found, tuple)
-                    else f"convertible: {_centres(stream)}"
+                    else f"convertible{fused}: {_centres(stream)}"
                 )
-        for n in _written_layernorms(gm):
-            out[n.node.name] = f"not convertible: {WRITTEN_OUT}"
         return out
 
 
-WRITTEN_OUT = "LayerNorm written out as arithmetic: run fuse-norm first to make it one op"
-
-
-def _written_layernorms(gm: GraphModule) -> list[Norm]:
-    """LayerNorms the model writes out by hand (Cohere): this pass rewrites fused ops only."""
-    return [n for n in find_norms(gm) if n.kind == "layernorm" and n.form == "written"]
-
-
-__all__ = ["WRITTEN_OUT", "LnToRmsNorm", "LnToRmsNormOptions"]
+__all__ = ["LnToRmsNorm", "LnToRmsNormOptions"]

@@ -90,6 +90,16 @@ def subtract_mean(gm: GraphModule, w: StreamWriter) -> Node:
     return out
 
 
+def drop_shift(gm: GraphModule, w: StreamWriter) -> None:
+    """Replace ``x ± c`` (``c`` the same for every feature) by ``x``: centred, ``c`` is 0. Its
+    ``x`` is read now, after the writers before it (an explicit centring of ``x``) are in."""
+    assert w.keep is not None
+    x, c = w.node.args[w.keep], w.node.args[1 - w.keep]
+    w.node.replace_all_uses_with(x)
+    dead = [c] if isinstance(c, Node) and c.op != "placeholder" else []
+    erase_unused(gm, [w.node, *dead])
+
+
 def recentre(gm: GraphModule, ctx: PassContext, p: StreamPlan, done: set[str]) -> int:
     """Centre every writer's tensors along the feature dim (or, for a "centre" writer, subtract
     the mean after it), but those in ``done`` (centred for another stream; updated); returns
@@ -101,6 +111,9 @@ def recentre(gm: GraphModule, ctx: PassContext, p: StreamPlan, done: set[str]) -
     for w in p.stream.writers:
         if w.kind == "centre":
             subtract_mean(gm, w)
+            continue
+        if w.kind == "shift":
+            drop_shift(gm, w)
             continue
         for fqn, dim in w.tensors:
             fqn = renamed.get(fqn, fqn)

@@ -16,6 +16,9 @@ stored tensors can be edited:
 * a stored tensor added in directly or picked/tiled first (``cls_token``, position tables through
   ``unsqueeze``/``index_select``/``getitem``/``expand``/``repeat``, a ``gather`` of whole
   feature vectors),
+* a value the same for every feature added in (``x + 0``, the start of MusicGen's ``sum()``
+  over codebook embeddings; any ``x ± c`` with ``c`` a number or of size 1 along the features)
+  — a ``"shift"`` writer: centred it is zero, so the rewrite drops it,
 * anything else — a norm's output (BLOOM's embedding LayerNorm), a GELU (wav2vec2's positional
   conv), a model input — is a ``"centre"`` writer: an explicit ``x − mean(x)`` is inserted after
   it for the stream's users only. A stream value also read by a non-norm op is retried once as
@@ -38,7 +41,13 @@ stream value zero-mean (each op above commutes with centring ``C = I − 11ᵀ/D
 exactly when nothing but LayerNorms reads the stream. It only reads the graph.
 """
 
-from .ops import ResidualStream, StreamWriter
+from .ops import ResidualStream, StreamWriter, shifted_by
 from .streams import layernorm_readers, residual_streams
 
-__all__ = ["ResidualStream", "StreamWriter", "layernorm_readers", "residual_streams"]
+__all__ = [
+    "ResidualStream",
+    "StreamWriter",
+    "layernorm_readers",
+    "residual_streams",
+    "shifted_by",
+]

@@ -105,7 +105,7 @@ def layout_sources(node: Node, axis: int, rank: int) -> Sources | str | None:
     if _is(node, {aten.permute.default}, {torch.permute}, {"permute"}):
         perm = node.args[1] if isinstance(node.args[1], list | tuple) else node.args[1:]
         return [(src, _dim(int(perm[axis]), rank))]
-    if _is(node, {aten.expand.default}, set(), {"expand"}):
+    if _is(node, {aten.expand.default, aten.expand_as.default}, set(), {"expand", "expand_as"}):
         ax = axis - (rank - (_rank(src) or 0))
         if ax < 0 or not src_shape or shape is None or src_shape[ax] != shape[axis]:
             return f"{node.name} broadcasts across the features"

@@ -23,17 +23,19 @@ class StreamWriter:
     with the dim that indexes the stream's features."""
 
     node: Node
-    kind: str  # "linear" | "conv" | "embedding" | "constant" | "scaled" | "centre" | "part"
+    # "linear" | "conv" | "embedding" | "constant" | "scaled" | "centre" | "part" | "shift"
+    kind: str
     tensors: tuple[tuple[str, int], ...]
     scale: str | None = None  # "scaled": the layer scale λ (D,) of ``λ ⊙ linear(x)``, to fold in
     scaled: Node | None = None  # "scaled": the value λ multiplies (the linear's output)
     axis: int = -1  # "centre": the feature axis of ``node``'s output, to subtract the mean over
-    uses: tuple[Node, ...] = ()
+    uses: tuple[Node, ...] = ()  # "centre": the stream's users of ``node`` (others keep it as is)
     # "part": (features split as, dim picked, index): only that part of the output features,
     # centred along the split's last dim (per-head QK-LayerNorm)
-    part: tuple[tuple[int, ...], int, int] | None = (
-        None  # "centre": the stream's users of ``node`` (others keep it as is)
-    )
+    part: tuple[tuple[int, ...], int, int] | None = None
+    # "shift": ``node`` is ``x ± c`` with ``c`` the same for every feature (centred, it is 0):
+    # the position of ``x`` in its args; the rewrite replaces ``node`` by ``x``
+    keep: int | None = None
 
     @property
     def label(self) -> str:
@@ -121,6 +123,11 @@ _ADD = (
     {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub},
     {"add", "sub", "__add__", "__sub__", "add_", "sub_"},
 )
+_SUB = (
+    {aten.sub.Tensor, aten.sub_.Tensor},
+    {operator.sub, operator.isub, torch.sub},
+    {"sub", "__sub__", "sub_"},
+)
 _IN_PLACE = ({aten.add_.Tensor, aten.sub_.Tensor}, {operator.iadd, operator.isub}, {"add_", "sub_"})
 _SCALE = (
     {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar},
@@ -137,3 +144,47 @@ _REDUCE = (
     {torch.mean, torch.sum},
     {"mean", "sum"},
 )
+
+
+def uniform_shift(node: Node, axis: int, rank: int) -> StreamWriter | None:
+    """``x + c``, ``c + x`` or ``x − c`` where ``c`` is the same for every feature (a number, or a
+    tensor of size 1 along ``axis`` or without it: MusicGen's ``sum()`` starting at 0) and ``x``
+    has the output's shape and dtype: centring maps ``c`` to 0, so the rewrite drops it (exact
+    because only LayerNorms, which ignore a shift, read the stream). Not in place."""
+    if not (_is(node, *_ADD) and len(node.args) == 2) or _is(node, *_IN_PLACE):
+        return None
+    if node.kwargs.get("alpha", 1) != 1:
+        return None
+    shape = node_shape(node)
+    if shape is None or shape[axis] < 2:  # one feature: every addend is "the same for each"
+        return None
+    sub = _is(node, *_SUB)
+    for keep in (0, 1) if not sub else (0,):
+        x, c = node.args[keep], node.args[1 - keep]
+        if not (isinstance(x, Node) and node_shape(x) == shape):
+            continue
+        if node_dtype(x) != node_dtype(node) or not _uniform(c, axis, rank):
+            continue
+        return StreamWriter(node, "shift", (), keep=keep)
+    return None
+
+
+def _uniform(c: object, axis: int, rank: int) -> bool:
+    """``c`` broadcasts to the same value for every feature on ``axis`` of a rank-``rank``
+    result."""
+    if isinstance(c, bool | int | float):
+        return True
+    shape = node_shape(c)
+    if shape is None:
+        return False
+    ax = axis - (rank - len(shape))
+    return ax < 0 or shape[ax] == 1
+
+
+def shifted_by(w: StreamWriter) -> str:
+    """What a "shift" writer adds to the stream, for the report (``""`` when it adds 0)."""
+    assert w.keep is not None
+    c = w.node.args[1 - w.keep]
+    if isinstance(c, Node):
+        return c.name
+    return "" if c == 0 else repr(c)

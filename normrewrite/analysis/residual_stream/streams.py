@@ -12,7 +12,7 @@ from torch.fx import GraphModule, Node
 
 from normrewrite.core.graph import node_label
 from normrewrite.core.graph import users as _all_users
-from normrewrite.core.ops import dense_info, norm_info
+from normrewrite.core.ops import dense_info, norm_info, shape_only_use
 
 from .ops import _ADD, _SCALE, _VIEW, ResidualStream, StreamWriter, _is, _passthrough, _rank
 from .walk import _Walk
@@ -36,21 +36,11 @@ def layernorm_readers(gm: GraphModule) -> list[Node]:
     return out
 
 
-_SHAPE_ATTRS = ("shape", "dtype", "device", "ndim")
-
-
 def users(node: Node, live: AbstractSet[Node]) -> list[Node]:
-    """Users that read ``node``'s values (not only its shape: ``x.shape``, ``x.size()``) for
-    something the model computes (``live``: mBART's ``inputs_embeds[..., -1]``, "just for the
-    shape", is left dead in the exported graph)."""
-    return [
-        u
-        for u in _all_users(node)
-        if u in live
-        and not (u.op == "call_function" and u.target is getattr and u.args[1] in _SHAPE_ATTRS)
-        and not (u.op == "call_method" and u.target in ("size", "dim"))
-        and not (u.op == "call_function" and u.target is torch.ops.aten.sym_size.int)
-    ]
+    """Users that read ``node``'s values (not only its shape: ``x.shape``, ``x.size()``, the
+    template of ``b.expand_as(x)``) for something the model computes (``live``: mBART's
+    ``inputs_embeds[..., -1]``, "just for the shape", is left dead in the exported graph)."""
+    return [u for u in _all_users(node) if u in live and not shape_only_use(u, node)]
 
 
 def _effect(n: Node) -> bool:
@@ -136,7 +126,7 @@ def _walk(
             writers.append(replace(w, uses=tuple(uses)))
         start = next((w.node for w in writers if w.node in lns), None)
 
-        stored = [w.node for w in writers if w.kind != "centre"]
+        stored = [w.node for w in writers if w.kind not in ("centre", "shift")]
         for v in [*sorted(values, key=order.__getitem__), *stored]:
             for u in users(v, live):
                 if u in values or (u in readers and inputs[u] is v):

@@ -25,6 +25,7 @@ from .ops import (
     _is,
     _passthrough,
     _rank,
+    uniform_shift,
 )
 
 aten = torch.ops.aten
@@ -174,6 +175,10 @@ class _Walk:
         if _passthrough(gm, node):
             return [(node.args[0], axis)]
         if _is(node, *_ADD) and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1:
+            if (shift := uniform_shift(node, axis, rank)) is not None:  # x + c: c is dropped
+                self.writers[("shift", node)] = shift
+                self.edges.append((node, ("shift", node)))
+                return [(node.args[shift.keep], axis)]
             out = []
             for a in node.args:
                 r = _rank(a)

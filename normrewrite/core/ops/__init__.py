@@ -17,7 +17,7 @@ Modules: :mod:`~normrewrite.core.ops.args` (arguments by name, whatever the spel
 (inserting ops in the graph's flavour). The names below are the public surface.
 """
 
-from normrewrite.core.ops.args import call_args, called_module, set_arg
+from normrewrite.core.ops.args import call_args, called_module, set_arg, shape_only_use
 from normrewrite.core.ops.emit import emit_norm, emit_op
 from normrewrite.core.ops.layers import (
     ConvInfo,
@@ -54,4 +54,5 @@ __all__ = [
     "pad_info",
     "set_arg",
     "set_bias",
+    "shape_only_use",
 ]

@@ -11,11 +11,14 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.operator_schemas import get_signature_for_torch_op
 
 from normrewrite.core.graph import constant_fqn
+
+aten = torch.ops.aten
 
 
 def call_args(gm: GraphModule, node: Node) -> dict[str, Any]:
@@ -108,3 +111,51 @@ def module_fqn(node: Node, mod: nn.Module, attr: str) -> tuple[str | None, bool]
     if attr in mod._parameters or attr in mod._buffers:
         return f"{node.target}.{attr}", True
     return None, True
+
+
+_SHAPE_ATTRS = ("shape", "dtype", "device", "ndim")
+_SHAPE_READS = {"size", "dim", aten.sym_size.int, aten.sym_numel.default, aten.dim.default}
+# ``y.reshape_as(x)``, ``torch.zeros_like(x)``: the second / first argument's metadata only
+_TEMPLATE_SECOND = {
+    "reshape_as",
+    "view_as",
+    "expand_as",
+    aten.reshape_as.default,
+    aten.view_as.default,
+    aten.expand_as.default,
+}
+_TEMPLATE_FIRST = {
+    aten.new_zeros.default,
+    aten.new_ones.default,
+    aten.new_empty.default,
+    aten.new_full.default,
+    aten.zeros_like.default,
+    aten.ones_like.default,
+    aten.empty_like.default,
+    aten.full_like.default,
+    "new_zeros",
+    "new_ones",
+    "new_empty",
+    "new_full",
+    torch.zeros_like,
+    torch.ones_like,
+    torch.empty_like,
+    torch.full_like,
+}
+
+
+def shape_only_use(user: Node, node: Node) -> bool:
+    """``user`` reads only the shape (or dtype, device) of ``node``, not its values: ``x.shape``,
+    ``x.size()``, ``aten.sym_size``, the template of ``y.reshape_as(x)`` / ``b.expand_as(x)``,
+    ``x.new_ones(…)``, ``torch.zeros_like(x)``."""
+    if user.op not in ("call_function", "call_method"):
+        return False
+    t = user.target
+    if user.op == "call_function" and t is getattr:
+        return user.args[1:] in {(a,) for a in _SHAPE_ATTRS}
+    if t in _SHAPE_READS:
+        return True
+    rest = [*user.args[1:], *user.kwargs.values()]
+    if t in _TEMPLATE_FIRST:
+        return bool(user.args) and user.args[0] is node and node not in rest
+    return t in _TEMPLATE_SECOND and user.args[0] is not node and node not in user.kwargs.values()
