@@ -174,16 +174,21 @@ _CARRY = (
 def _downstream(gm: GraphModule, u: Node, live: AbstractSet[Node]) -> str:
     """Where a non-norm reader ``u`` takes the raw stream, when ``u`` only carries it on (a
     residual add after the last norm, a layout op, a pick of tokens): `` (add_3 → model
-    output)``, or ``""``."""
+    output)``, `` (add_4 → transpose → conv2d)`` (the op that really reads it), or ``""``."""
+
+    def name(n: Node) -> str:
+        return "model output" if n.op == "output" else n.name
+
     path = [u]
     while _is(path[-1], *_CARRY) or _passthrough(gm, path[-1]):
         nxt = users(path[-1], live)
-        if len(nxt) != 1 or len(path) > 8:
+        if not nxt or len(path) > 8:
             return ""
-        if nxt[0].op == "output":
-            return f" ({' → '.join(n.name for n in path)} → model output)"
+        if len(nxt) != 1 or nxt[0].op == "output":
+            ends = ", ".join(name(n) for n in nxt[:3]) + (", ..." if len(nxt) > 3 else "")
+            return f" ({' → '.join(n.name for n in path)} → {ends})"
         path.append(nxt[0])
-    return ""
+    return f" ({' → '.join(n.name for n in path)})" if len(path) > 1 else ""
 
 
 def _at_readers(readers: tuple[Node, ...], inputs: dict[Node, Node]) -> list[StreamWriter]:
