@@ -45,9 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import models  # noqa: E402
-from normrewrite.passes import FuseNorm, LnToRmsNorm  # noqa: E402
 
 from normrewrite.emit import export_program  # noqa: E402
+from normrewrite.passes import FuseNorm, LnToRmsNorm  # noqa: E402
 from normrewrite.trace import trace  # noqa: E402
 from normrewrite.verify import compare, tensor_leaves  # noqa: E402
 

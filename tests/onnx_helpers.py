@@ -12,11 +12,11 @@ import numpy as np
 import onnx
 import torch
 from harness import ort_run
-from normrewrite.passes import norm_fusions
 
 from normrewrite.emit import export_program
 from normrewrite.emit.onnx.options import OnnxOptions
 from normrewrite.emit.onnx.pipeline import emit_program
+from normrewrite.passes import norm_fusions
 
 
 def write_onnx(gm: torch.nn.Module, inputs: tuple[Any, ...], path: Path, **options: Any) -> Path:

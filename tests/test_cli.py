@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from normrewrite.passes import REGISTRY
 from torch import nn
 
 from normrewrite.cli import main
@@ -26,6 +25,7 @@ from normrewrite.core.ops import conv_info
 from normrewrite.core.pass_infra import Pass, PassContext, PassResult, compute_tensors
 from normrewrite.errors import VerifyError
 from normrewrite.load.inputs import InputSpec, make_inputs
+from normrewrite.passes import REGISTRY
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_cnn.py"
 

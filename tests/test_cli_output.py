@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from normrewrite.passes import REGISTRY
 from torch import nn
 
+from normrewrite.passes import REGISTRY
 from normrewrite.trace import integer_ids_hint
 
 LONG_NAME = "encoder.layer.0.attention.output.LayerNorm"  # 42 characters, deep in a table

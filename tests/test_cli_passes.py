@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from normrewrite.passes import ONNX_REGISTRY, REGISTRY
 
 from normrewrite.cli import main
 from normrewrite.core.pass_help import pass_help
+from normrewrite.passes import ONNX_REGISTRY, REGISTRY
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_cnn.py"
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 from harness import fp64_reference, onnx_parity, rel_err, run
-from normrewrite.passes import REGISTRY
 from torch import nn
 
 from normrewrite.core.pass_infra import PassContext
+from normrewrite.passes import REGISTRY
 from normrewrite.trace import trace
 
 # --------------------------------------------------------------------------- canonical models

@@ -10,12 +10,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from normrewrite.passes import REGISTRY
 from test_contract import CASES, Blocks, ConvBN
 from torch import nn
 from torch.fx import GraphModule
 
 from normrewrite.core.pass_infra import PassContext
+from normrewrite.passes import REGISTRY
 from normrewrite.trace import trace
 
 

@@ -29,10 +29,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from normrewrite.passes import REGISTRY
 from torch import nn
 
 from normrewrite.core.pass_infra import Pass, PassContext
+from normrewrite.passes import REGISTRY
 from normrewrite.trace import trace
 
 EXAMPLES = int(os.environ.get("NR_FUZZ_EXAMPLES", "0")) or None

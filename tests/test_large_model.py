@@ -13,7 +13,6 @@ import pytest
 import torch
 import transformers
 from click.testing import CliRunner
-from normrewrite.passes import REGISTRY
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -24,6 +23,7 @@ from normrewrite.core.ops import linear_info, set_bias
 from normrewrite.core.pass_infra import Change, Pass, PassContext, PassResult, compute_tensors
 from normrewrite.errors import LoadError, PassError
 from normrewrite.load.checkpoint import KeyMap, key_mapping
+from normrewrite.passes import REGISTRY
 from normrewrite.stream.plan import RecipeOutput
 
 

@@ -11,7 +11,6 @@ import textwrap
 from pathlib import Path
 
 import normrewrite.passes as passes_pkg
-
 from normrewrite.core.pass_infra import NamedPass, PassRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,9 +83,9 @@ def test_readme_pass_table_lists_every_registered_pass() -> None:
 
 def test_registry_rejects_duplicates_and_unknown_names() -> None:
     import pytest
-    from normrewrite.passes import REGISTRY, FoldBatchNorm
 
     from normrewrite.errors import UsageError
+    from normrewrite.passes import REGISTRY, FoldBatchNorm
 
     with pytest.raises(ValueError, match="two passes named fold-bn"):
         PassRegistry([FoldBatchNorm, FoldBatchNorm])

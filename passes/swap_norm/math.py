@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from normrewrite.passes.fold_bn.math import bn_affine
 from torch import Tensor
+
+from normrewrite.passes.fold_bn.math import bn_affine
 
 
 def frozen_affine(

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from normrewrite.passes import REGISTRY
 from safetensors.torch import save_file
 from torch import nn
 
 from normrewrite.errors import PassError
+from normrewrite.passes import REGISTRY
 from normrewrite.stream import convert_checkpoint
 
 

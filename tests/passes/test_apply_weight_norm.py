@@ -18,8 +18,6 @@ import torch
 from checks import assert_streamed_equals_in_memory
 from harness import rel_err
 from models import randomize_norms
-from normrewrite.passes import REGISTRY, ApplyWeightNorm, RemoveWeightNorm
-from normrewrite.passes.apply_weight_norm import split_weight
 from onnx_helpers import onnx_outputs
 from torch import nn
 from torch.fx import GraphModule
@@ -28,6 +26,8 @@ import normrewrite
 from normrewrite.core.graph import get_tensor
 from normrewrite.core.ops import norms
 from normrewrite.core.pass_infra import PassContext
+from normrewrite.passes import REGISTRY, ApplyWeightNorm, RemoveWeightNorm
+from normrewrite.passes.apply_weight_norm import split_weight
 from normrewrite.trace import trace
 
 TRACERS = ("fx", "export")

@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from harness import fp64_reference, ort_run, rel_err
 from models import bert, randomize_norms, token_ids
-from normrewrite.passes.fix_export import FixExport, grouped_mm
 from torch import nn
 
 import normrewrite
 from normrewrite.cli import main
 from normrewrite.emit.onnx.options import OnnxOptions
 from normrewrite.errors import EmitError
+from normrewrite.passes.fix_export import FixExport, grouped_mm
 from normrewrite.trace import trace
 from normrewrite.verify.onnxruntime import relative_error, session
 

@@ -20,9 +20,6 @@ from harness import rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from models import randomize_norms
-from normrewrite.passes import FoldBatchNorm
-from normrewrite.passes.fold_bn import bn_affine, fold_input, fold_output
-from normrewrite.passes.fold_bn.conditions import bad_statistics
 from torch import nn
 from torch.fx import GraphModule
 
@@ -30,6 +27,9 @@ import normrewrite
 from normrewrite.core.graph import count_ops, get_tensor
 from normrewrite.core.ops import NormInfo, norms
 from normrewrite.core.pass_infra import PassContext
+from normrewrite.passes import FoldBatchNorm
+from normrewrite.passes.fold_bn import bn_affine, fold_input, fold_output
+from normrewrite.passes.fold_bn.conditions import bad_statistics
 from normrewrite.trace import trace
 
 TRACERS = ("fx", "export")

@@ -7,12 +7,12 @@ import copy
 import models
 import pytest
 import torch
-from normrewrite.passes.fold_norm_affine import FoldNormAffine, fold_affine
-from normrewrite.passes.fuse_norm import FuseNorm
 from torch import nn
 
 from normrewrite.core.graph import get_tensor
 from normrewrite.core.ops import norms
+from normrewrite.passes.fold_norm_affine import FoldNormAffine, fold_affine
+from normrewrite.passes.fuse_norm import FuseNorm
 from normrewrite.trace import trace
 from normrewrite.verify import compare, tensor_leaves
 

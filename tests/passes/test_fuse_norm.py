@@ -8,10 +8,10 @@ from collections.abc import Callable
 import models
 import pytest
 import torch
-from normrewrite.passes.fuse_norm import FuseNorm, op_name
 from torch import nn
 
 from normrewrite.core.pass_infra import PassResult
+from normrewrite.passes.fuse_norm import FuseNorm, op_name
 from normrewrite.trace import trace
 from normrewrite.verify import compare
 

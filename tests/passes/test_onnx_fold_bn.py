@@ -15,13 +15,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 from models import randomize_norms
-from normrewrite.passes import ONNX_REGISTRY
-from normrewrite.passes.fold_bn.onnx import OnnxFoldBatchNorm
 from torch import nn
 
 from normrewrite.cli import main
 from normrewrite.core.onnx_graph import add_initializer, model_bytes
 from normrewrite.load.onnx import load_onnx
+from normrewrite.passes import ONNX_REGISTRY
+from normrewrite.passes.fold_bn.onnx import OnnxFoldBatchNorm
 from normrewrite.verify.onnxruntime import relative_error, session
 
 RTOL = 1e-5

@@ -15,12 +15,12 @@ import onnx_ir as ir
 import pytest
 import torch
 from models import randomize_norms
-from normrewrite.passes.fuse_norm.onnx import OnnxFuseNorm
 from torch import nn
 
 from normrewrite.analysis.onnx_norms import decomposed_norm_dtypes
 from normrewrite.core.onnx_graph import model_bytes
 from normrewrite.core.onnx_pass import OnnxContext
+from normrewrite.passes.fuse_norm.onnx import OnnxFuseNorm
 from normrewrite.verify.onnxruntime import relative_error, session
 
 RTOL = 1e-5

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from normrewrite.passes import REGISTRY
-from normrewrite.passes.recalibrate_bn import RecalibrateBatchNorm, random_batches
 from torch import nn
 
 import normrewrite
 from normrewrite.core.graph import get_tensor
 from normrewrite.core.pass_infra import Pass, PassContext, PassResult
 from normrewrite.errors import PassError, UsageError
+from normrewrite.passes import REGISTRY
+from normrewrite.passes.recalibrate_bn import RecalibrateBatchNorm, random_batches
 from normrewrite.trace import trace
 from normrewrite.verify import compare, run
 

@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 import torch
 from harness import rel_err
-from normrewrite.passes import RemoveWeightNorm
-from normrewrite.passes.remove_weight_norm import materialize, reduced_dims
 from onnx_helpers import onnx_outputs, op_types
 from torch import nn
 from torch.fx import GraphModule
 from torch.nn.utils import parametrizations, parametrize, weight_norm
 
 from normrewrite.core.pass_infra import PassContext
+from normrewrite.passes import RemoveWeightNorm
+from normrewrite.passes.remove_weight_norm import materialize, reduced_dims
 from normrewrite.trace import trace
 
 FORMS = ("fx", "export", "decomposed")

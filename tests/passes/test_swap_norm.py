@@ -26,8 +26,6 @@ import torch.nn.functional as F
 from checks import assert_streamed_equals_in_memory
 from harness import ort_run, rel_err
 from models import randomize_norms
-from normrewrite.passes import REGISTRY, SwapNorm
-from normrewrite.passes.swap_norm import default_groups
 from onnx_helpers import onnx_outputs
 from torch import nn
 from torch.fx import GraphModule
@@ -38,6 +36,8 @@ from normrewrite.core.ops import norms
 from normrewrite.core.pass_infra import PassContext
 from normrewrite.errors import PassError, UsageError
 from normrewrite.load import LoadedModel
+from normrewrite.passes import REGISTRY, SwapNorm
+from normrewrite.passes.swap_norm import default_groups
 from normrewrite.trace import trace
 from normrewrite.verify import tensor_leaves
 
