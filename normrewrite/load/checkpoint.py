@@ -57,6 +57,7 @@ class Checkpoint:
         self.path = Path(path)
         self.files = _files(self.path)
         self.entries: dict[str, TensorEntry] = {}
+        self._handles: dict[Path, Any] = {}
         for file in self.files:
             for entry in _entries(file):
                 if entry.key in self.entries:
@@ -79,16 +80,20 @@ class Checkpoint:
         return self.entries[key]
 
     def read(self, key: str) -> torch.Tensor:
-        """The tensor ``key`` (backed by its own copy-on-write mapping of the file)."""
-        e = self.entries[key]
-        with _open(e.path) as f:
-            return f.get_tensor(key)
+        """The tensor ``key`` (a tensor of its own: it outlives the file's handle)."""
+        return self._handle(self.entries[key].path).get_tensor(key)
 
     def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of the tensor ``key`` (dim 0), read with ``get_slice``."""
-        e = self.entries[key]
-        with _open(e.path) as f:
-            return f.get_slice(key)[start:stop]
+        return self._handle(self.entries[key].path).get_slice(key)[start:stop]
+
+    def _handle(self, path: Path) -> Any:
+        """One open ``safe_open`` handle per file, kept for the checkpoint's life: opening parses
+        the file's header again (~1 ms for a shard of ~700 tensors: 0.8 s of an 80-layer
+        streamed conversion when every read opened its file); a handle holds no tensor data."""
+        if path not in self._handles:
+            self._handles[path] = _open(path)
+        return self._handles[path]
 
     @property
     def nbytes(self) -> int:
