@@ -420,3 +420,24 @@ def test_checkpoint_keys_the_class_renames_on_load(tmp_path) -> None:
     with torch.no_grad():
         want, got = model(x).last_hidden_state, back(x).last_hidden_state
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_reuses_a_handle_within_its_read_window(tmp_path: Path, monkeypatch) -> None:
+    """Reads reuse one safe_open handle (opening parses the header again) but only for
+    HANDLE_WINDOW bytes: a handle keeps the pages its tensors touched resident, so it is dropped
+    after the window (a handle kept for the whole replay made --meta peak RSS the checkpoint's
+    size). Values read through either handle are the stored ones."""
+    from safetensors.torch import save_file
+
+    from normrewrite.load import checkpoint as ck
+
+    stored = {f"w{i}": torch.full((256,), float(i)) for i in range(6)}  # 1 KiB each
+    save_file(stored, tmp_path / "model.safetensors")
+    monkeypatch.setattr(ck, "HANDLE_WINDOW", 2048)
+    c = ck.Checkpoint(tmp_path / "model.safetensors")
+    handles = []
+    for key, want in stored.items():
+        assert torch.equal(c.read(key), want)
+        handles.append(c._handles[tmp_path / "model.safetensors"][0])
+    # two reads (2 KiB) per handle, then a new one
+    assert [handles.index(h) for h in handles] == [0, 0, 2, 2, 4, 4]
