@@ -23,6 +23,7 @@ from rich.console import Console
 from normrewrite.cli_render import console
 from normrewrite.errors import NormRewriteError
 from normrewrite.load.inputs import MAX_INPUT_BYTES, InputSpec, check_input_size, input_limit
+from normrewrite.stream.shards import DEFAULT_MAX_SHARD_BYTES
 
 
 def _specs(values: tuple[str, ...], max_bytes: int = MAX_INPUT_BYTES) -> list[InputSpec] | None:
@@ -204,7 +205,7 @@ _native_opt = click.option(
               help="for models larger than memory: trace on the meta device and stream the weights "
                    "from MODEL's safetensors into sharded safetensors in the -o DIR/, or into "
                    "-o OUT.onnx with its weights in OUT.onnx.data")
-@click.option("--max-shard-size", type=int, default=256 << 20, show_default=True,
+@click.option("--max-shard-size", type=int, default=DEFAULT_MAX_SHARD_BYTES, show_default=True,
               help="bytes per output shard with --meta")
 @click.option("--compile", "compile_", type=click.Choice(["aoti"]), default=None,
               help="write .pt2 outputs as AOTInductor packages (compiled; load with "

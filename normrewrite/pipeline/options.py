@@ -19,6 +19,7 @@ from normrewrite.core.pass_infra import Pass, PassResult
 from normrewrite.emit.onnx.options import OnnxOptions
 from normrewrite.errors import UsageError
 from normrewrite.load.inputs import InputSpec
+from normrewrite.stream.shards import DEFAULT_MAX_SHARD_BYTES
 from normrewrite.trace import Tracer
 
 if TYPE_CHECKING:
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 
 DEFAULT_RTOL = 1e-4  # torch paths: relative to the largest output magnitude
 DEFAULT_ONNX_IN_RTOL = 1e-5  # ONNX in → ONNX out: both sides run in onnxruntime
-DEFAULT_MAX_SHARD_SIZE = 256 << 20  # save_file holds one shard in memory: this bounds peak RSS
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class ConvertOptions:
     keep_output_classes: bool = False
     # models larger than memory: trace on meta, replay weight edits from the checkpoint
     meta: bool = False
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+    max_shard_size: int = DEFAULT_MAX_SHARD_BYTES
     # fail (UnchangedError, nothing written) when no pass changed the model
     fail_if_unchanged: bool = False
 

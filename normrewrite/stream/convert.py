@@ -22,7 +22,7 @@ from normrewrite.stream.meta import MetaModel, MetaRewrite, load_meta, rewrite_o
 from normrewrite.stream.plan import StreamPlan, make_plan
 from normrewrite.stream.progress import NoProgress, Progress
 from normrewrite.stream.replay import Replay
-from normrewrite.stream.shards import ShardWriter
+from normrewrite.stream.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter
 
 NOT_VERIFIED = (
     "verification not run: --meta rewrites on the meta device, where the model has no values "
@@ -51,7 +51,7 @@ def convert_checkpoint(
     checkpoint: str | os.PathLike[str] | None = None,
     example_inputs: tuple[Any, ...] | None = None,
     tracer: str = "auto",
-    max_shard_size: int = 256 << 20,
+    max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
     force: bool = False,
     trust_remote_code: bool = False,
     progress: Progress | None = None,

@@ -24,7 +24,7 @@ from normrewrite.stream.meta import load_meta, non_persistent_buffers, rewrite_o
 from normrewrite.stream.plan import StreamPlan, make_plan
 from normrewrite.stream.progress import NoProgress, Progress
 from normrewrite.stream.replay import Replay
-from normrewrite.stream.shards import ShardWriter
+from normrewrite.stream.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter
 
 # --------------------------------------------------------------------------- ONNX with external data
 
@@ -292,7 +292,7 @@ def convert_checkpoint_onnx(
         writer = ShardWriter(
             scratch_dir,
             [(k, dt, shape) for k, (_, dt, shape) in plan.outputs.items()],
-            max_shard_bytes=256 << 20,  # save_file holds a shard in memory
+            max_shard_bytes=DEFAULT_MAX_SHARD_BYTES,
         )
         try:
             bar.start_bytes("replaying the rewrites", writer.total_bytes)

@@ -19,6 +19,9 @@ import torch
 from normrewrite.errors import EmitError, PassError
 from normrewrite.load.checkpoint import INDEX
 
+# safetensors' save_file holds one shard in memory: the shard size bounds a streamed write's peak RSS
+DEFAULT_MAX_SHARD_BYTES = 256 << 20
+
 
 class ShardWriter:
     """``slots`` are ``(key, dtype, shape)`` in the order the shards are filled. :meth:`close`
