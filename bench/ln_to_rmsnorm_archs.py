@@ -128,64 +128,6 @@ _STABLE_LN_AUDIO = dict(
 )
 
 
-def _ids(*shape: int) -> torch.Tensor:
-    return torch.randint(3, 96, shape, generator=torch.Generator().manual_seed(0))
-
-
-def _randn(*shape: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-
-
-class _Keywords(nn.Module):
-    """Calls ``model`` with its inputs by name (the bench passes them positionally)."""
-
-    def __init__(self, model: nn.Module, names: tuple[str, ...]) -> None:
-        super().__init__()
-        self.model, self.names = model, names
-
-    def forward(self, *args: torch.Tensor) -> Any:
-        return self.model(**dict(zip(self.names, args, strict=True)))
-
-
-def _hf(cfg_name: str, model_name: str, inputs: Callable[[], dict], **kw: Any) -> Callable:
-    """Any model: ``inputs()`` gives its keyword inputs."""
-
-    def build() -> tuple[nn.Module, tuple]:
-        import transformers as t
-
-        # "kosmos2.modeling_kosmos2.Kosmos2TextModel": a class only its model module exports
-        path, _, cls_name = model_name.rpartition(".")
-        where = importlib.import_module(f"transformers.models.{path}") if path else t
-        cls = getattr(where, cls_name)
-        model = cls(getattr(t, cfg_name)(**kw))
-        named = inputs()
-        return _Keywords(model, tuple(named)), tuple(named.values())
-
-    return build
-
-
-def _seq2seq(cfg_name: str, model_name: str, **kw: Any) -> Callable:
-    """A BART-family encoder-decoder, token ids in and decoder ids in."""
-    base = dict(
-        vocab_size=96,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=1,
-        use_cache=False,
-    )
-    ids = lambda: dict(input_ids=_ids(1, 12), decoder_input_ids=_ids(1, 8))  # noqa: E731
-    return _hf(cfg_name, model_name, ids, **{**base, **kw})
-
-
 _SWIN = dict(embed_dim=16, depths=[1, 1], num_attention_heads=[2, 2], patch_size=4, window_size=4)
 # a two-stage hierarchical vision backbone (Segformer / PVTv2)
 _STAGES = dict(
