@@ -99,15 +99,15 @@ def validate_file(path: Path, model: ir.Model | None = None) -> list[str]:
 
     from normrewrite.load.safety import check_external_data
 
-    beside = any(f != path for f in path.parent.iterdir())
-    if model is None or beside:
+    proto = None
+    if model is None or any(f != path for f in path.parent.iterdir()):
         proto = onnx.load(str(path), load_external_data=False)  # without the weights' bytes
         check_external_data(path, proto)
-        ops = {(n.domain, n.op_type) for n in proto.graph.node}
-        del proto  # the checks below read the file themselves: do not hold a second copy
-    if model is not None:
-        ops = {(n.domain, n.op_type) for n in model.graph}
-    ort_ops = sorted({op for dom, op in ops if op in ORT_ONLY_OPS or dom == "com.microsoft"})
+    nodes = proto.graph.node if model is None else model.graph  # NodeProto / ir.Node alike
+    ort_ops = sorted(
+        {n.op_type for n in nodes if n.op_type in ORT_ONLY_OPS or n.domain == "com.microsoft"}
+    )
+    del proto, nodes  # the checks below read the file themselves: do not hold a second copy
     if ort_ops:
         try:
             session(path)
